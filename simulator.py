@@ -244,9 +244,9 @@ def quote(text):
     return _FENCE.sub(lambda m: "‹" + m.group(1) + m.group(2), text)
 
 
-def format_history(history):
-    """[{'role', 'content'}] -> 'Me: ...' / 'Partner: ...' lines (the persona's point of view)."""
-    lines = [("Me: " if m["role"] == "user" else "Partner: ") + quote(m["content"]) for m in history]
+def format_history(history, user="Me", assistant="Partner"):
+    """[{'role', 'content'}] -> 'Me: ...' / 'Partner: ...' lines (by default the persona's point of view)."""
+    lines = [f"{user if m['role'] == 'user' else assistant}: {quote(m['content'])}" for m in history]
     return "\n".join(lines) or "(nothing yet)"
 
 
@@ -254,13 +254,13 @@ class ParseError(ValueError):
     pass
 
 
-def parse_analysis(text):
-    """The simulator's analysis: the last top-level JSON object in `text` with an integer 'change'.
+def last_json_object(text, required):
+    """The last top-level JSON object in `text` that has all the `required` keys.
 
     Objects are scanned left to right and the scan resumes after each decoded object, so JSON quoted
     inside one of its strings (e.g. a reply that says {"change": 10}) is never read as an answer.
-    A leading '+' on the change (`"change": +5`) is accepted."""
-    text = re.sub(r'("change"\s*:\s*)\+(\d)', r"\1\2", text)
+    A leading '+' on a number (`"change": +5`) is accepted."""
+    text = re.sub(r'(":\s*)\+(\d)', r"\1\2", text)
     decoder, found, i = json.JSONDecoder(), None, text.find("{")
     while i != -1:
         try:
@@ -268,18 +268,29 @@ def parse_analysis(text):
         except json.JSONDecodeError:
             i = text.find("{", i + 1)
             continue
-        if isinstance(obj, dict) and "change" in obj:
+        if isinstance(obj, dict) and all(k in obj for k in required):
             found = obj
         i = text.find("{", end)
     if found is None:
-        raise ParseError("no JSON object with a 'change' field")
-    change = found["change"]
-    if isinstance(change, str) and re.fullmatch(r"\s*[+-]?\d+\s*", change):
-        change = int(change)
-    if isinstance(change, float) and change.is_integer():
-        change = int(change)
-    if not isinstance(change, int) or isinstance(change, bool):
-        raise ParseError(f"'change' must be an integer, got {change!r:.40}")
+        raise ParseError(f"no JSON object with the fields {', '.join(required)}")
+    return found
+
+
+def as_int(value, name):
+    """An integer given as a number or a numeric string, else ParseError."""
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+        value = int(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ParseError(f"'{name}' must be an integer, got {value!r:.40}")
+    return value
+
+
+def parse_analysis(text):
+    """The simulator's analysis: the last top-level JSON object with an integer 'change'."""
+    found = last_json_object(text, ["change"])
+    change = as_int(found["change"], "change")
     keys = ("intent", "need_fit", "inner_reaction", "feeling")
     return {**{k: str(found.get(k, "")) for k in keys}, "change": change}
 
@@ -560,17 +571,10 @@ class SimulatedUser:
         """Score the assistant's reply, update the emotion, decide the end, and answer in character."""
         if self.done or not self.history or self.history[-1]["role"] != "user":
             raise RuntimeError(f"dialogue {self.dialogue_id} is not waiting for an assistant reply")
-        thought, reply, well_formed = split_think(assistant_text) if self.mode == "think" else ("", assistant_text.strip(), True)
-        self.format_violations += not well_formed
-        entry = {"role": "assistant", "content": reply}
-        if self.mode == "think":
-            entry.update(think=thought, format_violation=not well_formed)
-        self.records.append(entry)
-
-        prompt = render("sim_analysis", history=format_history(self.history[:-1]),
-                        user_message=quote(self.history[-1]["content"]), partner_reply=quote(reply),
+        reply, well_formed = self._add_assistant(assistant_text)
+        prompt = render("sim_analysis", history=format_history(self.history[:-2]),
+                        user_message=quote(self.history[-2]["content"]), partner_reply=quote(reply),
                         emotion=self.emotion)
-        self.history.append({"role": "assistant", "content": reply})
         analysis, _, parse_failed = self._ask(prompt, parse_analysis)
         if parse_failed:
             self.parse_failures += 1
@@ -595,6 +599,23 @@ class SimulatedUser:
             **({"parse_failed": True} if parse_failed else {}),
             **({"reply_parse_failed": True} if reply_failed else {})})
         return Turn(text, self.emotion, change, self.done, self.end_reason, not well_formed, parse_failed)
+
+    def add_final_reply(self, assistant_text):
+        """Record one more assistant reply after the end, unscored (SAGE: a 10th reply after 9 scored)."""
+        if not self.done or self.history[-1]["role"] != "user":
+            raise RuntimeError(f"dialogue {self.dialogue_id} has not ended with a user message")
+        self._add_assistant(assistant_text)
+
+    def _add_assistant(self, text):
+        """Keep the reply (think mode: the thought apart; a violation counted). -> (visible reply, well-formed)"""
+        thought, reply, well_formed = split_think(text) if self.mode == "think" else ("", text.strip(), True)
+        self.format_violations += not well_formed
+        entry = {"role": "assistant", "content": reply}
+        if self.mode == "think":
+            entry.update(think=thought, format_violation=not well_formed)
+        self.records.append(entry)
+        self.history.append({"role": "assistant", "content": reply})
+        return reply, well_formed
 
     def _add_user(self, text, extra):
         self.history.append({"role": "user", "content": text})

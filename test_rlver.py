@@ -17,6 +17,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1116,3 +1117,192 @@ def test_every_flag_is_documented():
     for flag in ("--algo", "--mode", "--model", "--simulator", "--sim-url", "--sim-model", "--steps", "--batch-size",
                  "--group-size", "--max-turns", "--max-new-tokens", "--seed", "--out", "--resume"):
         assert flag in parser.format_help()
+
+
+# =============================================================================
+# The benchmark (eval.py)
+
+import eval as E  # noqa: E402
+
+
+def eval_args(*flags):
+    return E.build_parser().parse_args(["--out", "unused", *map(str, flags)])
+
+
+class EchoAssistant:
+    """An assistant that answers every dialogue with a fixed reply and remembers whom it answered."""
+
+    def __init__(self, reply="I hear you. What happened next?"):
+        self.reply, self.seen = reply, []
+
+    def __call__(self, conversations):
+        self.seen += list(conversations)
+        return {did: self.reply for did in conversations}
+
+
+class PerScenario(Fixed):
+    """A simulator backend whose change depends on the scenario (read from the persona in the prompt)."""
+
+    def __init__(self, changes, fail_after=None):
+        super().__init__()
+        self.changes, self.fail_after, self.calls = changes, fail_after, 0
+
+    def __call__(self, messages):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise S.SimulatorError("endpoint went away")
+        if "<partner_reply>" in messages[-1]["content"]:
+            i = int(messages[0]["content"].split("Person Number")[1].split()[0])
+            return json.dumps({"change": self.changes(i)})
+        return super().__call__(messages)
+
+
+def sage_run(tmp_path, scenarios, backend, *flags, assistant=None):
+    args = eval_args(*flags)
+    path = tmp_path / "transcripts.jsonl"
+    assistant = assistant or EchoAssistant()
+    return E.run_benchmark(scenarios, assistant, backend, "be kind", path, args), assistant
+
+
+@pytest.mark.parametrize("change,entries,final,end", [
+    (1, 20, 49, "turn_cap"),    # 9 scored replies, then the 10th, unscored: u + 10 a + 9 u
+    (10, 13, 100, "success"),   # 40 -> 100 after 6 replies: stops, the user says goodbye
+    (-10, 9, 0, "failure"),     # 40 -> 30 -> 20 -> 10 (goes on) -> 0 (below 10): 4 replies
+])
+def test_sage_protocol_turns_and_stop_rules(tmp_path, scenarios, change, entries, final, end):
+    (t_,), _ = sage_run(tmp_path, scenarios[:1], Fixed(change=change))
+    assert (len(t_["history"]), t_["emo_point"], t_["end_reason"], t_["start_emotion"]) == (entries, final, end, 40)
+    assert t_["history"][0]["content"] == scenarios[0].first_talk and t_["history"][0]["emotion-point"] == 40
+    scored = [h for h in t_["history"] if h["role"] == "user" and "planning" in h]
+    assert len(scored) == t_["turns"] == (9 if end == "turn_cap" else len(scored)) and len(scored) <= 9
+    assert t_["history"][-1]["role"] == ("assistant" if end == "turn_cap" else "user")
+
+
+def test_sage_protocol_without_the_final_reply(tmp_path, scenarios):
+    (t_,), _ = sage_run(tmp_path, scenarios[:1], Fixed(change=1), "--no-final-reply")
+    assert len(t_["history"]) == 19 and t_["history"][-1]["role"] == "user"
+
+
+def test_scores_successes_failures_and_interval_by_hand():
+    def tr(e, need="a", ch="negative"):
+        return {"emo_point": e, "need": need, "character": ch, "history": [
+            {"role": "user", "content": "x", "emotion-point": 40}, {"role": "assistant", "content": "abcd"},
+            {"role": "user", "content": "y", "emotion-point": e}]}
+    s = E.summarize([tr(100), tr(5, "b"), tr(40, "b", "passive"), tr(75)])
+    assert (s["n"], s["sentient_score"], s["success"], s["failure"]) == (4, 55.0, 1, 1)
+    assert s["turns_mean"] == 1 and s["reply_chars_mean"] == 4 and s["format_violation_rate"] is None
+    assert s["by_need"] == {"a": {"n": 2, "sentient_score": 87.5, "success": 1, "failure": 0},
+                            "b": {"n": 2, "sentient_score": 22.5, "success": 0, "failure": 1}}
+    assert s["by_character"]["passive"] == {"n": 1, "sentient_score": 40.0, "success": 0, "failure": 0}
+    assert s["emotion_by_turn"][:3] == [40.0, 55.0, 55.0]                  # carried forward after the end
+    low, high = s["ci95"]
+    assert 5 <= low < 55 < high <= 100 and E.bootstrap_ci([5, 100, 40, 75]) == (low, high)   # seeded
+    assert E.bootstrap_ci([30] * 10) == (30.0, 30.0)
+    many = np.random.default_rng(0).integers(0, 101, 400)
+    lo, hi = E.bootstrap_ci(many)
+    se = many.std() / np.sqrt(len(many))
+    assert abs((hi - lo) - 2 * 1.96 * se) < 0.15 * (hi - lo)                 # about the normal interval
+
+
+def test_recompute_from_official_schema_transcripts(tmp_path):
+    def official(i, points):
+        history = [{"role": "user", "content": "最近烦死了。", "emotion-point": 40}]
+        for p in points:
+            history += [{"role": "assistant", "content": "我在听。"},
+                        {"role": "user", "content": "嗯。", "emotion-point": p, "thinking": "…",
+                         "planning": {"content": "", "TargetCompletion": "", "activity": "", "analyse": "", "change": 5}}]
+        return {"id": f"o{i}", "emo_point": points[-1], "emo_state": "Emotion-B", "target": "eq", "player": "…",
+                "scene": "…", "character": "负面型" if i % 2 else "被动型", "topic": "…", "task": "你希望被倾听", "history": history}
+    a = tmp_path / "sim__model-a.jsonl"
+    a.write_text("\n".join(json.dumps(official(i, p), ensure_ascii=False) for i, p in
+                           enumerate([[45, 50], [35, 25, 15, 5], [50, 60, 70, 80, 90, 100]])) + "\n")
+    b = tmp_path / "sim__model-b.jsonl"
+    b.write_text(json.dumps(official(0, [45, 55, 65])) + "\n")
+    E.main(["--from-transcripts", str(a), str(b), "--out", str(tmp_path / "out")])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert set(summary) == {"sim__model-a.jsonl", "sim__model-b.jsonl"}
+    sa = summary["sim__model-a.jsonl"]
+    assert (sa["n"], round(sa["sentient_score"], 1), sa["success"], sa["failure"]) == (3, 51.7, 1, 1)
+    assert sa["turns_mean"] == 4 and sa["by_character"]["负面型"]["n"] == 1
+    assert summary["sim__model-b.jsonl"]["sentient_score"] == 65
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(official(0, [45])) + "\n{\"id\": 1}\n")
+    with pytest.raises(ValueError, match="bad.jsonl line 2"):
+        E.main(["--from-transcripts", str(bad), "--out", str(tmp_path / "out2")])
+
+
+def test_resume_after_an_interruption_runs_no_dialogue_twice_and_loses_none(tmp_path):
+    items = [make_item(i, first_talk=f"Story {i}.") for i in range(6)]
+    (tmp_path / "s.json").write_text(json.dumps(items))
+    sc = S.load_scenarios(tmp_path / "s.json")
+    # even scenarios fail in 4 replies (48 calls), odd ones run to the cap; the endpoint dies after 56 calls
+    changes = lambda i: -10 if i % 2 == 0 else 1  # noqa: E731
+    with pytest.raises(S.SimulatorError):
+        sage_run(tmp_path, sc, PerScenario(changes, fail_after=56))
+    path = tmp_path / "transcripts.jsonl"
+    first = [json.loads(line)["dialogue_id"] for line in path.read_text().splitlines()]
+    assert sorted(first) == ["s0", "s2", "s4"]
+    with open(path, "a") as f:
+        f.write('{"id": "s1", "emo_po')                 # killed while writing a line
+    transcripts, assistant = sage_run(tmp_path, sc, PerScenario(changes))
+    assert set(assistant.seen) == {"s1", "s3", "s5"}   # the finished ones were not played again
+    ids = [t_["dialogue_id"] for t_ in transcripts]
+    assert sorted(ids) == [f"s{i}" for i in range(6)] and len(ids) == 6
+    assert all(t_["emo_point"] == (0 if int(t_["id"][1:]) % 2 == 0 else 49) for t_ in transcripts)
+
+
+class Judge:
+    """A judge backend answering from a list, then the last answer forever."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+
+    def __call__(self, messages):
+        self.calls += 1
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+GOOD = json.dumps({**dict.fromkeys(E.CAPABILITIES, 4), "core_insight": 3, "reason": "fine"})
+
+
+def test_judge_parsing_retries_and_failures(tmp_path, scenarios):
+    (t_,), _ = sage_run(tmp_path, scenarios[:1], Fixed(change=10))
+    ok = E.judge(Judge("I would say four", GOOD), t_)
+    assert ok["empathic_depth"] == 4 and ok["core_insight"] == 3 and "failed" not in ok
+    failing = Judge("no idea")
+    assert E.judge(failing, t_) == {"failed": True, "error": "no JSON object with the fields " + ", ".join(E.CAPABILITIES)}
+    assert failing.calls == 3                                            # bounded
+    out_of_range = Judge(GOOD.replace(": 4", ": 6", 1))
+    assert E.judge(out_of_range, t_)["failed"] and out_of_range.calls == 3
+    down = S.OpenAIChat(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=0)
+    assert "failed after 1 attempts" in E.judge(down, t_)["error"]
+    transcripts = [dict(t_, dialogue_id=f"d{i}") for i in range(3)]
+    answers = iter([GOOD, "garbage", "garbage", "garbage"])
+    path = tmp_path / "judged.jsonl"
+    E.run_judge(transcripts, lambda m: next(answers, "garbage"), path, concurrency=1)
+    s = E.summarize(E.read_transcripts(path))
+    assert s["judge_failures"] == 2 and s["capabilities"]["core_insight"] == 3.0   # failures are not averaged in
+    prompt = S.render("judge", persona="p", scene="s", hidden_need="h", history="Person: hi")
+    assert all(c in prompt for c in E.CAPABILITIES)
+
+
+def test_compare_table_and_emotion_per_turn(tmp_path):
+    s = E.summarize([{"emo_point": 80, "character": "negative", "history": [{"role": "user", "content": "x", "emotion-point": 40}]}])
+    table = E.compare({"run-a": s, "run-b": dict(s, sentient_score=12.34)}, paper=True)
+    assert "| run-a | 1 | 80.0 (80.0-80.0) | 0 | 0 |" in table and "| run-b | 1 | 12.3" in table
+    assert "paper: PPO think (chit-chat 62.1) | 100 | 79.2" in table
+    curve = E.plot_emotion({"run-a": s}, tmp_path)
+    assert "| run-a | 40.0 |" in curve
+
+
+def test_eval_end_to_end_with_the_tiny_model(tiny, tmp_path):
+    summaries = E.main(["--model", tiny, "--limit", "3", "--max-new-tokens", "8", "--mode", "think",
+                        "--out", str(tmp_path / "a")])
+    (name, s), = summaries.items()
+    assert name == f"{Path(tiny).name}-test" and s["n"] == 3 and s["format_violation_rate"] is not None
+    assert len((tmp_path / "a" / "transcripts.jsonl").read_text().splitlines()) == 3
+    E.main(["--model", tiny, "--chitchat", "--limit", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "b")])
+    chat_lines = [json.loads(x) for x in (tmp_path / "b" / "transcripts.jsonl").read_text().splitlines()]
+    assert [t_["target"] for t_ in chat_lines] == ["chitchat", "chitchat"]
+    both = E.main(["--compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "c")])
+    assert len(both) == 2

@@ -1,0 +1,378 @@
+"""
+The Sentient benchmark (SAGE protocol), the five-capability judge, chit-chat, and comparisons.
+
+    python eval.py --model runs/ppo-think/checkpoints/step_000200/policy --mode think \
+        --simulator llm --sim-url https://api.deepseek.com/v1 --sim-model deepseek-chat --out evals/ppo-think
+    python eval.py --model tiny --scenarios test --out evals/tiny          # offline: tiny model, scripted user
+    python eval.py --assistant-url https://api.openai.com/v1 --assistant-model gpt-4o \
+        --system-prompt sage --simulator llm ... --out evals/gpt-4o   # any OpenAI-compatible assistant
+    python eval.py --chitchat ...                                          # the casual-talk scenarios
+    python eval.py ... --judge --judge-url URL --judge-model M             # add the five capabilities
+    python eval.py --from-transcripts FILE.jsonl ... --out DIR             # recompute scores from transcripts
+    python eval.py --compare evals/a evals/b --paper                       # one table, and emotion per turn
+
+Protocol: each scenario opens with its first_talk; the emotion starts at 40; each change is clamped to
++-10; the dialogue stops when the emotion reaches 100 or falls below 10; at most 10 assistant replies,
+of which the first 9 are scored (a 10th, unscored reply follows a 9th that did not end the dialogue).
+Sentient score = mean final emotion; success = final >= 100; failure = final < 10.
+A run writes OUT/transcripts.jsonl (one dialogue a line, the SAGE schema, appended as each dialogue
+ends, so an interrupted run resumes where it stopped) and OUT/summary.json ({run name: summary}).
+"""
+
+import argparse
+import collections
+import json
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+import simulator as S
+
+CAPABILITIES = ("empathic_depth", "core_insight", "solution_crafting", "dialogue_guidance", "style_adaptability")
+
+# Published Sentient and chit-chat scores of the RLVER paper's Table 1 (SAGE, DeepSeek-V3 simulator).
+PAPER = {
+    "paper: Qwen2.5-7B-Instruct": (13.3, 37.8),
+    "paper: PPO direct": (61.7, 53.4),
+    "paper: PPO think": (79.2, 62.1),
+    "paper: GRPO direct": (68.3, 49.2),
+    "paper: GRPO think": (72.0, 53.0),
+}
+
+# -----------------------------------------------------------------------------
+# Scores from transcripts
+
+
+def read_transcripts(path, tolerate_torn_end=False):
+    """Dialogues of a transcript file (one JSON object a line). A malformed line is an error naming the
+    file and line, except a torn last line when resuming (a run killed mid-write), which is dropped."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    out = []
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            if not isinstance(item, dict) or "emo_point" not in item or "history" not in item:
+                raise ValueError("a transcript needs 'emo_point' and 'history'")
+        except ValueError as e:
+            if tolerate_torn_end and lineno == len(lines):
+                break
+            raise ValueError(f"{path} line {lineno}: not a transcript ({e})") from None
+        out.append(item)
+    return out
+
+
+def bootstrap_ci(values, resamples=10000, level=0.95, seed=0):
+    """Percentile bootstrap confidence interval of the mean."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float(values.mean()), float(values.mean())
+    means = values[np.random.default_rng(seed).integers(0, len(values), (resamples, len(values)))].mean(1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def emotion_by_turn(transcript, turns=9):
+    """The emotion at the start and after each scored reply, the last value carried forward: [turns + 1]."""
+    points = [h["emotion-point"] for h in transcript["history"] if h["role"] == "user" and "emotion-point" in h]
+    points = points or [transcript["emo_point"]]
+    return (points + [points[-1]] * turns)[:turns + 1]
+
+
+def summarize(transcripts):
+    """Sentient score (mean final emotion) with its 95% bootstrap interval, successes (>= 100), failures
+    (< 10), replies per dialogue, reply length in characters, format violations (think mode), the mean
+    emotion per turn, the judge's capabilities when present, and all of it by hidden need and character type."""
+    emotions = [t["emo_point"] for t in transcripts]
+    replies = [h for t in transcripts for h in t["history"] if h["role"] == "assistant"]
+    think = [h for h in replies if "format_violation" in h]
+    judged = [t["judge"] for t in transcripts if isinstance(t.get("judge"), dict)]
+    scored = [j for j in judged if not j.get("failed")]
+    low, high = bootstrap_ci(emotions)
+    out = {
+        "n": len(transcripts),
+        "sentient_score": float(np.mean(emotions)),
+        "ci95": [low, high],
+        "success": sum(e >= S.SUCCESS_EMOTION for e in emotions),
+        "failure": sum(e < S.FAILURE_EMOTION for e in emotions),
+        "turns_mean": len(replies) / len(transcripts),
+        "reply_chars_mean": float(np.mean([len(h["content"]) for h in replies])) if replies else 0.0,
+        "format_violation_rate": sum(h["format_violation"] for h in think) / len(think) if think else None,
+        "emotion_by_turn": np.mean([emotion_by_turn(t) for t in transcripts], axis=0).round(2).tolist(),
+        "capabilities": {c: float(np.mean([j[c] for j in scored])) for c in CAPABILITIES} if scored else None,
+        "judge_failures": len(judged) - len(scored),
+    }
+    for key, field in (("by_need", lambda t: t.get("need") or t.get("task", "?")), ("by_character", lambda t: t["character"])):
+        groups = collections.defaultdict(list)
+        for t in transcripts:
+            groups[field(t)].append(t["emo_point"])
+        out[key] = {g: {"n": len(v), "sentient_score": float(np.mean(v)), "success": sum(e >= 100 for e in v),
+                        "failure": sum(e < 10 for e in v)} for g, v in sorted(groups.items())}
+    return out
+
+
+def print_summary(name, s):
+    print(f"\n{name}: Sentient {s['sentient_score']:.1f} (95% CI {s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}), "
+          f"success {s['success']}, failure {s['failure']} of {s['n']}; {s['turns_mean']:.1f} replies of "
+          f"{s['reply_chars_mean']:.0f} characters" + (f"; format violations {s['format_violation_rate']:.1%}"
+                                                       if s["format_violation_rate"] is not None else ""))
+    if s["capabilities"]:
+        print("capabilities: " + ", ".join(f"{c} {v:.2f}" for c, v in s["capabilities"].items())
+              + (f" ({s['judge_failures']} judge failures)" if s["judge_failures"] else ""))
+    for key in ("by_need", "by_character"):
+        print(f"\n| {key[3:]:<42} | {'n':>3} | {'score':>5} | {'succ':>4} | {'fail':>4} |")
+        print(f"|{'-' * 44}|-----|-------|------|------|")
+        for group, g in s[key].items():
+            print(f"| {group[:42]:<42} | {g['n']:>3} | {g['sentient_score']:>5.1f} | {g['success']:>4} | {g['failure']:>4} |")
+
+
+# -----------------------------------------------------------------------------
+# The assistant under test: a local model through the trainer's engine, or an OpenAI-compatible endpoint
+
+
+class LocalAssistant:
+    """{dialogue id: chat messages} -> {dialogue id: reply}, one batched generation for all of them."""
+
+    def __init__(self, model, device, max_new_tokens, temperature, top_p):
+        import rlver
+
+        self.model, self.tokenizer, _ = rlver.load_policy(model, device)
+        self.engine = rlver.HFEngine(self.model, self.tokenizer, temperature or 1.0, top_p)
+        self.max_new_tokens, self.greedy = max_new_tokens, temperature == 0
+
+    def __call__(self, conversations):
+        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
+                                     add_special_tokens=False) for m in conversations.values()]
+        out = self.engine.generate(ids, self.max_new_tokens, greedy=self.greedy)
+        return {did: self.tokenizer.decode(g.ids, skip_special_tokens=True) for did, g in zip(conversations, out)}
+
+
+class RemoteAssistant:
+    """The same interface over an OpenAI-compatible endpoint, all dialogues' calls concurrently."""
+
+    def __init__(self, chat, concurrency=64):
+        self.chat, self.pool = chat, ThreadPoolExecutor(concurrency)
+
+    def __call__(self, conversations):
+        futures = {did: self.pool.submit(self.chat, m) for did, m in conversations.items()}
+        return {did: f.result() for did, f in futures.items()}
+
+
+def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
+    """Play every scenario not yet in `path` under the SAGE protocol, in lockstep batches; append each
+    dialogue's transcript as soon as it ends. Returns all transcripts of the file."""
+    done = read_transcripts(path, tolerate_torn_end=True) if path.exists() else []
+    path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in done))   # drops a torn last line
+    finished = {t["dialogue_id"] for t in done}
+    todo = [s for s in scenarios if s.id not in finished]
+    if done:
+        print(f"resuming: {len(done)} dialogues already in {path}, {len(todo)} to go")
+    sim = S.Simulator(chat, start_emotion=args.start_emotion, max_change=args.max_change, max_turns=args.max_turns,
+                      difficulty=args.difficulty, mode=args.mode, concurrency=args.sim_concurrency)
+    conversation = lambda did: [{"role": "system", "content": system_prompt}, *sim.users[did].history]  # noqa: E731
+    bar = tqdm(total=len(todo), desc="dialogues")
+    with open(path, "a") as f:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            sim.start({s.id: s for s in batch})
+            active = [s.id for s in batch]
+            while active:
+                turns = sim.step(assistant({did: conversation(did) for did in active}))
+                ended = [did for did in active if turns[did].done]
+                capped = [did for did in ended if turns[did].end_reason == "turn_cap"]
+                if capped and args.final_reply:   # the 10th reply, unscored
+                    for did, reply in assistant({did: conversation(did) for did in capped}).items():
+                        sim.users[did].add_final_reply(reply)
+                for did in ended:
+                    f.write(json.dumps(sim.transcript(did), ensure_ascii=False) + "\n")
+                    f.flush()
+                bar.update(len(ended))
+                active = [did for did in active if not turns[did].done]
+    bar.close()
+    sim.close()
+    return read_transcripts(path)
+
+
+# -----------------------------------------------------------------------------
+# The five-capability judge
+
+
+def parse_judgement(text):
+    """The judge's five scores, whole numbers from 1 to 5, from its last JSON object with all five."""
+    found = S.last_json_object(text, CAPABILITIES)
+    scores = {c: S.as_int(found[c], c) for c in CAPABILITIES}
+    if bad := [c for c, v in scores.items() if not 1 <= v <= 5]:
+        raise S.ParseError(f"'{bad[0]}' must be from 1 to 5, got {scores[bad[0]]}")
+    return {**scores, "reason": str(found.get("reason", ""))}
+
+
+def judge(chat, transcript, retries=2):
+    """Scores for one dialogue, or {'failed': True, 'error': ...} after the retries: never invented."""
+    history = [{"role": h["role"], "content": h["content"]} for h in transcript["history"]]
+    prompt = S.render("judge", persona=S.quote(transcript["player"]), scene=S.quote(transcript["scene"]),
+                      hidden_need=S.quote(transcript["task"]), history=S.format_history(history, "Person", "Partner"))
+    messages, error = [{"role": "user", "content": prompt}], ""
+    for _ in range(retries + 1):
+        try:
+            raw = chat(messages)
+            return parse_judgement(raw)
+        except S.ParseError as e:
+            error = str(e)
+            messages = messages[:1] + [{"role": "assistant", "content": raw}, {"role": "user", "content":
+                       f"That answer could not be read ({e}). Answer again with only the JSON object asked for."}]
+        except S.SimulatorError as e:   # the endpoint is down after its own retries: report, do not invent
+            return {"failed": True, "error": str(e)}
+    return {"failed": True, "error": error}
+
+
+def run_judge(transcripts, chat, path, concurrency=32):
+    """Judge every dialogue that has no judgement yet, concurrently; rewrite the file atomically."""
+    todo = [t for t in transcripts if "judge" not in t]
+    with ThreadPoolExecutor(concurrency) as pool:
+        for t, verdict in zip(todo, tqdm(pool.map(lambda t: judge(chat, t), todo), total=len(todo), desc="judge")):
+            t["judge"] = verdict
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts))
+    os.replace(tmp, path)
+    return transcripts
+
+
+# -----------------------------------------------------------------------------
+# Comparing runs
+
+
+def compare(summaries, paper=False):
+    """One markdown table of several runs ({name: summary}), optionally with the paper's published rows."""
+    cap_names = [c.split("_")[0] for c in CAPABILITIES]
+    lines = ["| run | n | Sentient (95% CI) | success | failure | " + " | ".join(cap_names) + " |",
+             "|---|---|---|---|---|" + "---|" * len(CAPABILITIES)]
+    for name, s in summaries.items():
+        caps = [f"{s['capabilities'][c]:.2f}" if s.get("capabilities") else "" for c in CAPABILITIES]
+        lines.append(f"| {name} | {s['n']} | {s['sentient_score']:.1f} ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}) | "
+                     f"{s['success']} | {s['failure']} | " + " | ".join(caps) + " |")
+    if paper:
+        for name, (sentient, chitchat) in PAPER.items():
+            lines.append(f"| {name} (chit-chat {chitchat}) | 100 | {sentient:.1f} | | | " + " | " * (len(CAPABILITIES) - 1) + " |")
+    return "\n".join(lines)
+
+
+def plot_emotion(summaries, out):
+    """Mean emotion per turn for each run: a PNG with matplotlib, else a text table (returned)."""
+    turns = max(len(s["emotion_by_turn"]) for s in summaries.values())
+    text = ["| run | " + " | ".join(f"t{i}" for i in range(turns)) + " |", "|---|" + "---|" * turns]
+    text += [f"| {name} | " + " | ".join(f"{e:.1f}" for e in s["emotion_by_turn"]) + " |" for name, s in summaries.items()]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(text)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, s in summaries.items():
+        ax.plot(range(len(s["emotion_by_turn"])), s["emotion_by_turn"], marker="o", label=name)
+    ax.set(xlabel="assistant replies scored", ylabel="mean emotion", ylim=(0, 100), title="Emotion per turn")
+    ax.axhline(S.FAILURE_EMOTION, color="grey", lw=0.5)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(Path(out) / "emotion_by_turn.png", dpi=120)
+    return "\n".join(text) + f"\n(plot: {Path(out) / 'emotion_by_turn.png'})"
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to do (default: run the benchmark)")
+    g.add_argument("--from-transcripts", nargs="+", metavar="FILE", help="recompute scores from transcript files")
+    g.add_argument("--compare", nargs="+", metavar="DIR", help="one table of several evaluation folders")
+    g.add_argument("--paper", action="store_true", help="with --compare: add the paper's published rows")
+    g.add_argument("--out", default="eval_out", help="transcripts.jsonl, summary.json (and the plot) go here")
+    g.add_argument("--name", help="the run's name in summary.json (default: the model's name and the scenarios)")
+    g = p.add_argument_group("scenarios")
+    g.add_argument("--scenarios", default="test",
+                   help="'test' or 'chitchat' (of scenarios.json), or a file (ours or the official SAGE profiles)")
+    g.add_argument("--chitchat", action="store_true", help="the chit-chat scenarios (same as --scenarios chitchat)")
+    g.add_argument("--limit", type=int, help="only the first N scenarios")
+    g = p.add_argument_group("assistant under test")
+    g.add_argument("--model", help="local model: a path, a Hugging Face id, a .gguf file or 'tiny'")
+    g.add_argument("--assistant-url", help="or an OpenAI-compatible endpoint for the assistant")
+    g.add_argument("--assistant-model", help="model name at --assistant-url")
+    g.add_argument("--assistant-api-key-env", default="OPENAI_API_KEY", help="environment variable holding its key")
+    g.add_argument("--mode", choices=S.MODES, default="direct", help="think: the policy's think-then-say format")
+    g.add_argument("--system-prompt", choices=("policy", "sage"), default="policy",
+                   help="policy: the training prompt of --mode; sage: the benchmark's high-EQ chat partner prompt")
+    g.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per reply at most (local model)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
+    g.add_argument("--batch-size", type=int, default=100, help="dialogues played in lockstep at once")
+    g.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    g.add_argument("--seed", type=int, default=0, help="seeds local sampling")
+    g = p.add_argument_group("protocol")
+    g.add_argument("--start-emotion", type=int, default=40, help="the simulated user's starting emotion (SAGE: 40)")
+    g.add_argument("--max-turns", type=int, default=9, help="scored assistant replies at most (SAGE: 9)")
+    g.add_argument("--final-reply", action=argparse.BooleanOptionalAction, default=True,
+                   help="one more, unscored reply after the last scored one (SAGE: 10 replies, 9 scored)")
+    S.add_args(p)
+    g = p.add_argument_group("judge")
+    g.add_argument("--judge", action="store_true", help="score the five capabilities with an LLM judge")
+    g.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge")
+    g.add_argument("--judge-model", help="model name at --judge-url")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", help="environment variable holding its key")
+    return p
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.from_transcripts:
+        summaries = {os.path.basename(f): summarize(read_transcripts(f)) for f in args.from_transcripts}
+    elif args.compare:
+        summaries = {}
+        for d in args.compare:
+            summaries.update(json.loads((Path(d) / "summary.json").read_text()))
+        print(compare(summaries, args.paper))
+        print("\nmean emotion per turn:\n" + plot_emotion(summaries, out))
+        return summaries
+    else:
+        if bool(args.model) == bool(args.assistant_url):
+            parser.error("give the assistant under test: --model, or --assistant-url with --assistant-model")
+        which = "chitchat" if args.chitchat else args.scenarios
+        if which in ("test", "chitchat"):
+            scenarios = S.load_scenarios(split="test", kind="support" if which == "test" else "chitchat")
+        else:
+            scenarios = [s for s in S.load_scenarios(which) if s.first_talk]
+        scenarios = scenarios[:args.limit]
+        if args.model:
+            import torch
+            torch.manual_seed(args.seed)
+            device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
+            assistant = LocalAssistant(args.model, device, args.max_new_tokens, args.temperature, args.top_p)
+        else:
+            assistant = RemoteAssistant(S.make_chat("llm", args.assistant_url, args.assistant_model, args.assistant_api_key_env,
+                                                    args.temperature, args.sim_timeout, args.sim_retries))
+        system_prompt = S.load_prompt("sage_partner" if args.system_prompt == "sage" else f"policy_{args.mode}")
+        path = out / "transcripts.jsonl"
+        transcripts = run_benchmark(scenarios, assistant, S.chat_from_args(args), system_prompt, path, args)
+        if args.judge:
+            judge_chat = S.make_chat("llm", args.judge_url, args.judge_model, args.judge_api_key_env, 0.0,
+                                     args.sim_timeout, args.sim_retries)
+            transcripts = run_judge(transcripts, judge_chat, path)
+        name = args.name or f"{Path(args.model or args.assistant_model).name}-{Path(which).stem}"
+        summaries = {name: summarize(transcripts)}
+    for name, s in summaries.items():
+        print_summary(name, s)
+    (out / "summary.json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False))
+    print(f"\nwrote {out / 'summary.json'}")
+    return summaries
+
+
+if __name__ == "__main__":
+    main()

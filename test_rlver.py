@@ -1019,7 +1019,7 @@ def test_update_over_micro_batches_equals_the_full_batch(tiny, algo, agg):
         if critic is not None:
             torch.nn.init.normal_(critic.value_head.weight, std=0.1)
         cfg = rollout_config(algo=algo, loss_agg=agg, micro_batch_tokens=budget, grad_clip=1e9, entropy_coef=0.01,
-                             kl_coef=0.1, kl_in="loss", kl_kind="k3+", mini_batches=1)
+                             kl_coef=0.1, kl_in="loss", kl_kind="k3+", mini_batches=1, ppo_epochs=2)
         samples = make_samples(model)
         policy = R.Policy(model)
         R.score_samples(samples, policy, critic, policy, cfg, "cpu")
@@ -1431,3 +1431,46 @@ def test_one_grpo_step_with_the_vllm_engine(tiny, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     (row,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert row["turns_mean"] == 2 and row["logp_gap_max"] < 1e-3 and row["response_tokens"] > 0
+
+
+def test_the_on_policy_shortcut_equals_a_separate_forward_pass(tiny):
+    """With one optimizer step per batch, the update takes logp_old from its own forward: the same update
+    as scoring the samples first."""
+    deltas = []
+    for precompute in (False, True):
+        torch.manual_seed(0)
+        model, _, _ = R.load_policy(tiny, "cpu")
+        policy = R.Policy(model)
+        cfg = rollout_config(algo="grpo", micro_batch_tokens=40, grad_clip=1e9)
+        assert R.on_policy(cfg)
+        samples = make_samples(model)
+        R.score_samples(samples, policy, None, None, cfg, "cpu")
+        assert "logp_old" not in samples[0]                    # skipped: nothing else to score
+        if precompute:
+            with torch.no_grad():
+                for s in samples:
+                    s["logp_old"] = policy(s["input_ids"][None], torch.ones_like(s["input_ids"])[None], s["loss_mask"][None])[0][0]
+        R.compute_advantages(samples, cfg)
+        before = [p.detach().clone() for p in model.parameters()]
+        R.ppo_update(samples, policy, None, torch.optim.SGD(model.parameters(), lr=1.0), None, cfg, "cpu",
+                     torch.Generator().manual_seed(0))
+        deltas.append([p.detach() - b for p, b in zip(model.parameters(), before)])
+        assert all("logp_old" in s for s in samples)            # kept for the metrics
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*deltas))
+
+
+def test_the_sampler_draws_from_softmax_with_temperature_and_top_p():
+    """Gumbel-max sampling in the HF engine: frequencies follow softmax(z / T); top-p keeps the smallest
+    set of most likely tokens whose probability reaches p; greedy takes the argmax."""
+    probs = t([0.5, 0.3, 0.15, 0.05])
+    scores = probs.log().repeat(20000, 1) * 0.5               # z = 0.5 log p: at T = 0.5, softmax(z / T) = p
+    torch.manual_seed(0)
+    chosen = R._Sampler(0.5, 1.0, greedy=False)(None, scores).argmax(-1)
+    freq = torch.bincount(chosen, minlength=4).float() / len(chosen)
+    assert torch.allclose(freq, probs, atol=0.015), freq
+    chosen = R._Sampler(0.5, 0.7, greedy=False)(None, scores).argmax(-1)   # top-p .7: tokens 0 and 1
+    freq = torch.bincount(chosen, minlength=4).float() / len(chosen)
+    assert freq[2:].sum() == 0 and abs(float(freq[0] / freq[1]) - 5 / 3) < 0.1
+    sampler = R._Sampler(1.0, 1.0, greedy=True)
+    assert (sampler(None, scores[:5]).argmax(-1) == 0).all()
+    assert torch.allclose(sampler.logprobs[0], torch.log_softmax(scores[:5], -1)[:, 0])   # the kept log-prob

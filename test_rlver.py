@@ -1413,6 +1413,10 @@ def test_vllm_engine_matches_hf_before_and_after_a_weight_push(tiny):
     after = vllm.generate(prompts, 12, greedy=True)
     assert [g.ids for g in after] == [g.ids for g in hf.generate(prompts, 12, greedy=True)]
     assert [g.ids for g in after] != [g.ids for g in before]
+    hf.stop_ids = vllm.stop_ids = [after[0].ids[2]]           # both stop at an end token and keep it
+    stopped = vllm.generate(prompts[:1], 12, greedy=True)[0]
+    assert stopped.ids == hf.generate(prompts[:1], 12, greedy=True)[0].ids
+    assert stopped.finished and stopped.ids[-1] == after[0].ids[2] and len(stopped.logprobs) == len(stopped.ids)
     sampled = vllm.generate(prompts, 12)                    # its log-probs are the trainer's (temperature 0.7)
     rows = [{"input_ids": p + g.ids, "loss_mask": [0] * len(p) + [1] * len(g.ids)} for p, g in zip(prompts, sampled)]
     b = R.collate(rows, range(3), "cpu")

@@ -23,7 +23,8 @@ import argparse
 import collections
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -82,15 +83,22 @@ def emotion_by_turn(transcript, turns=9):
     return (points + [points[-1]] * turns)[:turns + 1]
 
 
+UNPARSED_LIMIT = 0.5   # a score whose simulator analyses were mostly unreadable measures the parser, not the policy
+
+
 def summarize(transcripts):
     """Sentient score (mean final emotion) with its 95% bootstrap interval, successes (>= 100), failures
-    (< 10), replies per dialogue, reply length in characters, format violations (think mode), the mean
-    emotion per turn, the judge's capabilities when present, and all of it by hidden need and character type."""
+    (< 10), replies per dialogue, reply length in characters, format violations (think mode), the share of
+    the simulator's analyses that stayed unparsable (counted as no change; at 50% or more the score is
+    marked not meaningful), the mean emotion per turn, the judge's capabilities when present, and all of
+    it by hidden need and character type."""
     emotions = [t["emo_point"] for t in transcripts]
     replies = [h for t in transcripts for h in t["history"] if h["role"] == "assistant"]
     think = [h for h in replies if "format_violation" in h]
     judged = [t["judge"] for t in transcripts if isinstance(t.get("judge"), dict)]
     scored = [j for j in judged if not j.get("failed")]
+    counted = [t for t in transcripts if "parse_failures" in t and "turns" in t]   # our transcripts record them
+    unparsed = sum(t["parse_failures"] for t in counted) / max(sum(t["turns"] for t in counted), 1) if counted else None
     low, high = bootstrap_ci(emotions)
     out = {
         "n": len(transcripts),
@@ -101,6 +109,8 @@ def summarize(transcripts):
         "turns_mean": len(replies) / len(transcripts),
         "reply_chars_mean": float(np.mean([len(h["content"]) for h in replies])) if replies else 0.0,
         "format_violation_rate": sum(h["format_violation"] for h in think) / len(think) if think else None,
+        "parse_failure_rate": unparsed,
+        "meaningful": unparsed is None or unparsed < UNPARSED_LIMIT,
         "emotion_by_turn": np.mean([emotion_by_turn(t) for t in transcripts], axis=0).round(2).tolist(),
         "capabilities": {c: float(np.mean([j[c] for j in scored])) for c in CAPABILITIES} if scored else None,
         "judge_failures": len(judged) - len(scored),
@@ -115,10 +125,16 @@ def summarize(transcripts):
 
 
 def print_summary(name, s):
+    if not s.get("meaningful", True):
+        print(f"\n{name}: Sentient not meaningful: {s['parse_failure_rate']:.0%} of the simulator's analyses were "
+              f"unparsable and counted as no change (the mean final emotion would read {s['sentient_score']:.1f}); "
+              "check that --sim-model follows the prompts")
+        return
     print(f"\n{name}: Sentient {s['sentient_score']:.1f} (95% CI {s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}), "
           f"success {s['success']}, failure {s['failure']} of {s['n']}; {s['turns_mean']:.1f} replies of "
           f"{s['reply_chars_mean']:.0f} characters" + (f"; format violations {s['format_violation_rate']:.1%}"
-                                                       if s["format_violation_rate"] is not None else ""))
+                                                       if s["format_violation_rate"] is not None else "")
+          + (f"; unparsable analyses {s['parse_failure_rate']:.1%}" if s.get("parse_failure_rate") else ""))
     if s["capabilities"]:
         print("capabilities: " + ", ".join(f"{c} {v:.2f}" for c, v in s["capabilities"].items())
               + (f" ({s['judge_failures']} judge failures)" if s["judge_failures"] else ""))
@@ -134,40 +150,46 @@ def print_summary(name, s):
 
 
 class LocalAssistant:
-    """{dialogue id: chat messages} -> {dialogue id: reply}, one batched generation for all of them, with the
-    trainer's engines (--engine: vLLM or HF generate)."""
+    """A local model: each dialogue's thread asks for its reply (`reply(messages)`), and `serve` generates
+    for whichever dialogues are waiting, with the trainer's engines (--engine: vLLM or HF generate)."""
 
     def __init__(self, args, device):
-        import rlver
+        import engines
 
-        self.model, self.tokenizer, path = rlver.load_policy(args.model, device)
-        engine_cfg = argparse.Namespace(engine=args.engine, temperature=args.temperature or 1.0, top_p=args.top_p,
-                                        seed=args.seed, max_context_tokens=args.max_context_tokens,
-                                        vllm_gpu_memory=args.vllm_gpu_memory, vllm_sleep=False, vllm_cpu_kv_gb=1)
-        self.engine = rlver.make_engine(engine_cfg, self.model, self.tokenizer, path, 0, device)
-        self.max_new_tokens, self.greedy = args.max_new_tokens, args.temperature == 0
+        self.model, self.tokenizer, path = engines.load_policy(args.model, device)
+        self.engine = engines.make_engine(args.engine, self.model, self.tokenizer, path, temperature=args.temperature,
+                                          top_p=args.top_p, seed=args.seed, device=device,
+                                          max_model_len=args.max_context_tokens, gpu_memory=args.vllm_gpu_memory)
+        self.max_new_tokens, self.seed, self.request_seed = args.max_new_tokens, args.seed, engines.request_seed
 
-    def __call__(self, conversations):
-        ids = [self.tokenizer.encode(self.tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True),
-                                     add_special_tokens=False) for m in conversations.values()]
-        out = self.engine.generate(ids, self.max_new_tokens, greedy=self.greedy)
-        return {did: self.tokenizer.decode(g.ids, skip_special_tokens=True) for did, g in zip(conversations, out)}
+    def reply(self, messages, dialogue_id):
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        seed = self.request_seed(self.seed, dialogue_id, len(messages))   # the same reply whatever the timing
+        out = self.engine.submit(self.tokenizer.encode(text, add_special_tokens=False), self.max_new_tokens, seed)
+        return self.tokenizer.decode(out.result().ids, skip_special_tokens=True)
+
+    def serve(self, dialogues):
+        self.engine.serve(dialogues)
 
 
 class RemoteAssistant:
-    """The same interface over an OpenAI-compatible endpoint, all dialogues' calls concurrently."""
+    """The same interface over an OpenAI-compatible endpoint: each dialogue's thread calls it directly."""
 
-    def __init__(self, chat, concurrency=64):
-        self.chat, self.pool = chat, ThreadPoolExecutor(concurrency)
+    def __init__(self, chat):
+        self.chat = chat
 
-    def __call__(self, conversations):
-        futures = {did: self.pool.submit(self.chat, m) for did, m in conversations.items()}
-        return {did: f.result() for did, f in futures.items()}
+    def reply(self, messages, dialogue_id):
+        return self.chat(messages)
+
+    def serve(self, dialogues):
+        wait(dialogues)
 
 
 def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
-    """Play every scenario not yet in `path` under the SAGE protocol, in lockstep batches; append each
-    dialogue's transcript as soon as it ends. Returns all transcripts of the file."""
+    """Play every scenario not yet in `path` under the SAGE protocol, up to `--batch-size` dialogues at once,
+    each at its own pace in its own thread; append each dialogue's transcript as soon as it ends. A dialogue
+    whose simulator fails for good is left out of the file (the next run plays it) and reported.
+    Returns all transcripts of the file."""
     done = read_transcripts(path, tolerate_torn_end=True) if path.exists() else []
     path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in done))   # drops a torn last line
     finished = {t["dialogue_id"] for t in done}
@@ -176,27 +198,34 @@ def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
         print(f"resuming: {len(done)} dialogues already in {path}, {len(todo)} to go")
     sim = S.Simulator(chat, start_emotion=args.start_emotion, max_change=args.max_change, max_turns=args.max_turns,
                       difficulty=args.difficulty, mode=args.mode, concurrency=args.sim_concurrency)
-    conversation = lambda did: [{"role": "system", "content": system_prompt}, *sim.users[did].history]  # noqa: E731
-    bar = tqdm(total=len(todo), desc="dialogues")
-    with open(path, "a") as f:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
-            sim.start({s.id: s for s in batch})
-            active = [s.id for s in batch]
-            while active:
-                turns = sim.step(assistant({did: conversation(did) for did in active}))
-                ended = [did for did in active if turns[did].done]
-                capped = [did for did in ended if turns[did].end_reason == "turn_cap"]
-                if capped and args.final_reply:   # the 10th reply, unscored
-                    for did, reply in assistant({did: conversation(did) for did in capped}).items():
-                        sim.users[did].add_final_reply(reply)
-                for did in ended:
-                    f.write(json.dumps(sim.transcript(did), ensure_ascii=False) + "\n")
-                    f.flush()
-                bar.update(len(ended))
-                active = [did for did in active if not turns[did].done]
+    bar, lock = tqdm(total=len(todo), desc="dialogues"), threading.Lock()
+
+    def play(scenario, f):   # one dialogue's life: the user opens, then reply and answer until the end
+        user = sim.add(scenario.id, scenario)
+        user.open()
+        conversation = lambda: [{"role": "system", "content": system_prompt}, *user.history]  # noqa: E731
+        while not user.done:
+            user.respond(assistant.reply(conversation(), scenario.id))
+        if user.end_reason == "turn_cap" and args.final_reply:   # the 10th reply, unscored
+            user.add_final_reply(assistant.reply(conversation(), scenario.id))
+        with lock:
+            f.write(json.dumps(sim.transcript(scenario.id), ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update()
+
+    with open(path, "a") as f, ThreadPoolExecutor(max(1, min(args.batch_size, len(todo)))) as pool:
+        dialogues = [pool.submit(play, s, f) for s in todo]
+        assistant.serve(dialogues)
     bar.close()
     sim.close()
+    errors = [d.exception() for d in dialogues if d.exception() is not None]
+    if unexpected := [e for e in errors if not isinstance(e, S.SimulatorError)]:
+        raise unexpected[0]
+    if errors:
+        print(f"{len(errors)} of {len(todo)} dialogues lost their simulator and are not in {path} (run the same "
+              f"command again to play them); last error: {errors[-1]}")
+        if len(errors) == len(todo):
+            raise errors[-1]
     return read_transcripts(path)
 
 
@@ -255,7 +284,9 @@ def compare(summaries, paper=False):
              "|---|---|---|---|---|" + "---|" * len(CAPABILITIES)]
     for name, s in summaries.items():
         caps = [f"{s['capabilities'][c]:.2f}" if s.get("capabilities") else "" for c in CAPABILITIES]
-        lines.append(f"| {name} | {s['n']} | {s['sentient_score']:.1f} ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}) | "
+        score = (f"{s['sentient_score']:.1f} ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f})" if s.get("meaningful", True)
+                 else f"not meaningful ({s['parse_failure_rate']:.0%} unparsed)")
+        lines.append(f"| {name} | {s['n']} | {score} | "
                      f"{s['success']} | {s['failure']} | " + " | ".join(caps) + " |")
     if paper:
         for name, (sentient, chitchat) in PAPER.items():
@@ -313,7 +344,7 @@ def build_parser():
     g.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per reply at most (local model)")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (0: greedy)")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling")
-    g.add_argument("--batch-size", type=int, default=100, help="dialogues played in lockstep at once")
+    g.add_argument("--batch-size", type=int, default=100, help="dialogues played at once, each at its own pace")
     g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                    help="local model: vllm, HF generate, or auto (vllm on GPU when installed)")
     g.add_argument("--max-context-tokens", type=int, default=16384, help="vLLM's context length (local model)")
@@ -364,7 +395,8 @@ def main(argv=None):
             assistant = LocalAssistant(args, device)
         else:
             assistant = RemoteAssistant(S.make_chat("llm", args.assistant_url, args.assistant_model, args.assistant_api_key_env,
-                                                    args.temperature, args.sim_timeout, args.sim_retries))
+                                                    args.temperature, args.sim_timeout, args.sim_retries,
+                                                    concurrency=args.batch_size, max_tokens=args.max_new_tokens))
         system_prompt = S.load_prompt("sage_partner" if args.system_prompt == "sage" else f"policy_{args.mode}")
         path = out / "transcripts.jsonl"
         transcripts = run_benchmark(scenarios, assistant, S.chat_from_args(args), system_prompt, path, args)

@@ -8,13 +8,15 @@ score the benchmark reports.
     python simulator.py chat --simulator llm --sim-url http://127.0.0.1:8000/v1 --sim-model M
     python simulator.py serve --port 8000 --delay 0.2   # the scripted user as an OpenAI-style server
 
-In code (the trainer and the benchmark use exactly this):
+In code:
 
     chat = make_chat("llm", url="https://api.deepseek.com/v1", model="deepseek-chat")  # key: $OPENAI_API_KEY
     sim = Simulator(chat, start_emotion=30, max_turns=8, mode="think")
-    first_messages = sim.start({"d0": scenario_a, "d1": scenario_b})  # keyed by dialogue id
-    turns = sim.step({"d0": reply_a, "d1": reply_b})                 # all users answer concurrently
-    turns["d0"].emotion, turns["d0"].done, sim.transcript("d0")
+    user = sim.add("d0", scenario)            # one dialogue, driven from its own thread (the trainer, eval.py)
+    first = user.open()
+    turn = user.respond(reply)                # Turn(user_message, emotion, change, done, ...)
+    sim.start({"d1": a, "d2": b}); sim.step({"d1": reply_1, "d2": reply_2})   # or many at once, concurrently
+    sim.transcript("d0"), sim.metrics()
 
 Each turn after the opening line is two LLM calls per dialogue: an emotion analysis of the newest
 assistant reply (JSON, ending in one signed integer change, clamped to +-max_change) and, shaped by
@@ -40,7 +42,6 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -323,18 +324,22 @@ class OpenAIChat:
     Each thread keeps its connection open between calls (no new TCP or TLS handshake per call); the
     proxy named by the environment (https_proxy, ...) is honoured. The API key is read from the
     environment variable `api_key_env` at each call and kept nowhere else. Timeouts, connection errors,
-    429 and 5xx are retried `max_retries` times with exponential back-off (honouring Retry-After);
-    other HTTP errors fail at once. At most `max_concurrency` requests are in flight."""
+    429 and 5xx are retried up to `max_retries` times with exponential back-off (honouring Retry-After);
+    other HTTP errors fail at once. `timeout` is a deadline for the whole call, retries included, from
+    the moment it is sent: a server that trickles its answer byte by byte is cut off there. An answer
+    over `max_response_bytes` is refused. At most `max_concurrency` requests are in flight."""
 
     def __init__(self, url, model, api_key_env="OPENAI_API_KEY", temperature=0.5, max_tokens=1024,
-                 timeout=60.0, max_retries=4, backoff=1.0, max_concurrency=64):
+                 timeout=120.0, max_retries=4, backoff=1.0, max_concurrency=64, max_response_bytes=1_000_000):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
         self.model, self.api_key_env = model, api_key_env
         self.temperature, self.max_tokens = temperature, max_tokens
         self.timeout, self.max_retries, self.backoff = timeout, max_retries, backoff
+        self.max_response_bytes = max_response_bytes
         self.slots = threading.BoundedSemaphore(max_concurrency)
         self.retries = 0  # retried attempts, over the client's life
         self._lock, self._local = threading.Lock(), threading.local()
+        self._jitter = random.Random()   # back-off jitter, apart from the caller's random state
 
     def __repr__(self):
         return f"OpenAIChat(url={self.url!r}, model={self.model!r}, api_key_env={self.api_key_env!r})"
@@ -354,17 +359,45 @@ class OpenAIChat:
             self._local.connection, self._local.path = connection, url.path
         return self._local.connection
 
-    def _post(self, body, headers):
-        """(status, response headers, body bytes) of one request; a broken connection is dropped."""
-        connection = self._connection()
+    def _post(self, body, headers, seconds):
+        """(status, response headers, body bytes) of one request, which must be complete within `seconds`:
+        a watchdog shuts the socket at the deadline, whatever the request is blocked on. A connection
+        left in doubt is dropped."""
+        connection, cut = self._connection(), threading.Event()
+
+        def shut():
+            cut.set()
+            try:
+                connection.sock.shutdown(socket.SHUT_RDWR)
+            except (AttributeError, OSError):   # no socket yet, or already closed
+                pass
+        watchdog = threading.Timer(seconds, shut)
+        watchdog.start()
+        complete = False
         try:
+            connection.timeout = seconds + 1   # the socket's own timeout only backs the watchdog up
+            if connection.sock is not None:
+                connection.sock.settimeout(seconds + 1)
             connection.request("POST", self._local.path, body=body, headers=headers)
             response = connection.getresponse()
-            return response.status, response.headers, response.read()
-        except (OSError, http.client.HTTPException):
-            connection.close()
-            self._local.connection = None
+            if int(response.headers.get("Content-Length") or 0) > self.max_response_bytes:
+                raise ResponseTooLarge(f"answer of {response.headers['Content-Length']} bytes")
+            data = response.read(self.max_response_bytes + 1)
+            if len(data) > self.max_response_bytes:
+                raise ResponseTooLarge(f"answer of more than {self.max_response_bytes} bytes")
+            if cut.is_set():   # what came before the cut is not the whole answer
+                raise TimeoutError
+            complete = response.isclosed()
+            return response.status, response.headers, data
+        except (OSError, http.client.HTTPException) as e:
+            if cut.is_set():
+                raise TimeoutError(f"no complete answer within {seconds:.1f} s") from e
             raise
+        finally:
+            watchdog.cancel()
+            if not complete or cut.is_set():
+                connection.close()
+                self._local.connection = None
 
     def __call__(self, messages):
         body = json.dumps({"model": self.model, "messages": messages, "temperature": self.temperature,
@@ -372,11 +405,13 @@ class OpenAIChat:
         headers = {"Content-Type": "application/json"}
         if key := os.environ.get(self.api_key_env):
             headers["Authorization"] = f"Bearer {key}"
+        deadline, error = None, "none"
         for attempt in range(self.max_retries + 1):
-            wait = self.backoff * 2 ** attempt * (0.5 + random.random())
+            wait = self.backoff * 2 ** attempt * (0.5 + self._jitter.random())
             try:
                 with self.slots:
-                    status, response_headers, data = self._post(body, headers)
+                    deadline = deadline or time.monotonic() + self.timeout   # from the first send, not the queue
+                    status, response_headers, data = self._post(body, headers, deadline - time.monotonic())
                 if status == 200:
                     return json.loads(data)["choices"][0]["message"]["content"] or ""
                 if status != 429 and status < 500:
@@ -385,16 +420,23 @@ class OpenAIChat:
                 error = f"HTTP {status}"
                 retry_after = response_headers.get("Retry-After", "")
                 wait = max(wait, min(float(retry_after), 60.0)) if retry_after.isdigit() else wait
+            except ResponseTooLarge as e:
+                raise SimulatorError(f"simulator endpoint {self.url} sent an {e}: refused") from None
             except (OSError, http.client.HTTPException) as e:   # refused, reset, timed out, unreadable
                 error = f"{type(e).__name__}: {e}"
             except (KeyError, IndexError, TypeError, ValueError) as e:
                 error = f"malformed response ({type(e).__name__}: {e})"
-            if attempt < self.max_retries:
-                with self._lock:
-                    self.retries += 1
-                time.sleep(wait)
-        raise SimulatorError(f"simulator endpoint {self.url} failed after {self.max_retries + 1} attempts; "
-                             f"last error: {error}")
+            if attempt == self.max_retries or time.monotonic() + wait >= deadline:
+                break
+            with self._lock:
+                self.retries += 1
+            time.sleep(wait)
+        raise SimulatorError(f"simulator endpoint {self.url} failed after {attempt + 1} attempts within its "
+                             f"{self.timeout:g} s deadline; last error: {error}")
+
+
+class ResponseTooLarge(Exception):
+    pass
 
 
 class ScriptedUser:
@@ -499,15 +541,15 @@ class ScriptedUser:
 
 
 def make_chat(simulator="scripted", url=None, model=None, api_key_env="OPENAI_API_KEY", temperature=0.5,
-              timeout=60.0, max_retries=4, concurrency=64, difficulty="normal"):
+              timeout=120.0, max_retries=4, concurrency=64, difficulty="normal", max_tokens=1024):
     """The backend named on the command line: 'scripted' (offline) or 'llm' (an OpenAI-compatible URL)."""
     if simulator == "scripted":
         return ScriptedUser(difficulty)
     if simulator == "llm":
         if not url or not model:
             raise SimulatorError("--simulator llm needs --sim-url (e.g. http://127.0.0.1:8000/v1) and --sim-model")
-        return OpenAIChat(url, model, api_key_env=api_key_env, temperature=temperature, timeout=timeout,
-                          max_retries=max_retries, max_concurrency=concurrency)
+        return OpenAIChat(url, model, api_key_env=api_key_env, temperature=temperature, max_tokens=max_tokens,
+                          timeout=timeout, max_retries=max_retries, max_concurrency=concurrency)
     raise ValueError(f"unknown simulator {simulator!r}: use 'scripted' or 'llm'")
 
 
@@ -520,8 +562,10 @@ def add_args(parser):
     g.add_argument("--sim-model", help="model name the endpoint serves, e.g. deepseek-chat")
     g.add_argument("--sim-api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
     g.add_argument("--sim-temperature", type=float, default=0.5, help="sampling temperature of the simulator")
-    g.add_argument("--sim-timeout", type=float, default=60.0, help="seconds before a simulator call is retried")
+    g.add_argument("--sim-timeout", type=float, default=120.0,
+                   help="deadline in seconds of one simulator call, retries included (size it to the server)")
     g.add_argument("--sim-retries", type=int, default=4, help="retries of a failed call (timeouts, 429, 5xx)")
+    g.add_argument("--sim-max-tokens", type=int, default=1024, help="longest simulator answer, in tokens")
     g.add_argument("--sim-concurrency", type=int, default=64, help="simulator calls in flight at most")
     g.add_argument("--difficulty", choices=DIFFICULTIES, default="normal", help="how hard the personas are to please")
     g.add_argument("--max-change", type=int, default=10, help="clamp of one turn's emotion change")
@@ -530,7 +574,7 @@ def add_args(parser):
 
 def chat_from_args(args):
     return make_chat(args.simulator, args.sim_url, args.sim_model, args.sim_api_key_env, args.sim_temperature,
-                     args.sim_timeout, args.sim_retries, args.sim_concurrency, args.difficulty)
+                     args.sim_timeout, args.sim_retries, args.sim_concurrency, args.difficulty, args.sim_max_tokens)
 
 
 # -----------------------------------------------------------------------------
@@ -570,6 +614,7 @@ class SimulatedUser:
     format_violations: int = field(init=False, default=0)
     parse_failures: int = field(init=False, default=0)
     retried: int = field(init=False, default=0)               # calls repeated because an answer was unparsable
+    call_seconds: float = field(init=False, default=0.0)      # time spent waiting on the backend
 
     def __post_init__(self):
         if self.mode not in MODES or self.difficulty not in DIFFICULTIES:
@@ -655,7 +700,11 @@ class SimulatedUser:
         messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
         for attempt in range(self.parse_retries + 1):
             self.retried += attempt > 0
-            raw = self.chat(messages)
+            start = time.perf_counter()
+            try:
+                raw = self.chat(messages)
+            finally:
+                self.call_seconds += time.perf_counter() - start
             try:
                 return parse(raw), raw, False
             except ParseError as e:
@@ -675,11 +724,14 @@ class SimulatedUser:
 
 
 class Simulator:
-    """Many simulated users, keyed by dialogue id, whose LLM calls run concurrently.
+    """Many simulated users, keyed by dialogue id, sharing one backend whose calls they make concurrently.
 
-    `start({id: scenario})` opens dialogues, `step({id: assistant_reply})` advances the given ones in
-    parallel (a bounded thread pool; each dialogue's two calls are sequential, dialogues are not).
-    A backend error (e.g. an unreachable endpoint after its retries) is raised with the dialogue id."""
+    `add(id, scenario)` makes one user, to be driven from that dialogue's own thread (`open`, then
+    `respond` to each reply): what the trainer and the benchmark do, so that each dialogue advances at
+    its own pace. `start({id: scenario})` and `step({id: reply})` drive many at once from one thread
+    (a bounded pool; each dialogue's two calls are sequential, dialogues are not). Any backend's calls
+    in flight are bounded by `concurrency`. A backend error (an endpoint down after its retries) is
+    raised as a SimulatorError that names the dialogue."""
 
     def __init__(self, chat, *, start_emotion=30, max_change=10, max_turns=8, difficulty="normal", mode="direct",
                  parse_retries=2, concurrency=64):
@@ -688,6 +740,7 @@ class Simulator:
                              difficulty=difficulty, mode=mode, parse_retries=parse_retries)
         self.users = {}
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="simulator")
+        self.slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._in_flight = 0
         self._reset_counters()
@@ -697,40 +750,39 @@ class Simulator:
         self._retries_seen = getattr(self.chat, "retries", 0)
         self._retried_seen = sum(u.retried for u in self.users.values())
 
-    def _call(self, messages):
-        """The backend, instrumented: latency, failures and calls in flight."""
-        with self._lock:
-            self._in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        start = time.perf_counter()
-        try:
-            return self.chat(messages)
-        except Exception:
+    def _call(self, messages, dialogue_id):
+        """The backend, bounded and instrumented: latency, failures and calls in flight."""
+        with self.slots:
             with self._lock:
-                self.failed_calls += 1
-            raise
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self.latencies.append(time.perf_counter() - start)
-
-    def _map(self, fn, items):
-        futures = {did: self.pool.submit(fn, did, value) for did, value in items.items()}
-        results = {}
-        for did, future in futures.items():
+                self._in_flight += 1
+                self.max_in_flight = max(self.max_in_flight, self._in_flight)
+            start = time.perf_counter()
             try:
-                results[did] = future.result()
+                return self.chat(messages)
             except SimulatorError as e:
-                raise SimulatorError(f"dialogue {did}: {e}") from e
-        return results
+                with self._lock:
+                    self.failed_calls += 1
+                raise SimulatorError(f"dialogue {dialogue_id}: {e}") from e
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
+                    self.latencies.append(time.perf_counter() - start)
+
+    def add(self, dialogue_id, scenario):
+        """A new simulated user for dialogue `dialogue_id`, not yet opened."""
+        with self._lock:
+            if dialogue_id in self.users:
+                raise ValueError(f"dialogue id already in use: {dialogue_id!r}")
+            chat = lambda messages: self._call(messages, dialogue_id)  # noqa: E731
+            self.users[dialogue_id] = SimulatedUser(dialogue_id, scenario, chat, **self.settings)
+        return self.users[dialogue_id]
 
     def start(self, dialogues):
         """{dialogue_id: Scenario} -> {dialogue_id: the persona's first message}."""
         if clash := set(dialogues) & set(self.users):
             raise ValueError(f"dialogue ids already in use: {sorted(clash)[:3]}")
-        for did, scenario in dialogues.items():
-            self.users[did] = SimulatedUser(did, scenario, self._call, **self.settings)
-        return self._map(lambda did, _: self.users[did].open(), dialogues)
+        users = {did: self.add(did, scenario) for did, scenario in dialogues.items()}
+        return self._map(lambda did, _: users[did].open(), dialogues)
 
     def step(self, replies):
         """{dialogue_id: assistant reply (raw; think tags included in think mode)} -> {dialogue_id: Turn}."""
@@ -738,6 +790,10 @@ class Simulator:
             if did not in self.users:
                 raise KeyError(f"unknown dialogue id {did!r}")
         return self._map(lambda did, reply: self.users[did].respond(reply), replies)
+
+    def _map(self, fn, items):
+        futures = {did: self.pool.submit(fn, did, value) for did, value in items.items()}
+        return {did: future.result() for did, future in futures.items()}
 
     def transcript(self, dialogue_id):
         return self.users[dialogue_id].transcript()
@@ -751,81 +807,15 @@ class Simulator:
                    "sim_http_retries": retries - self._retries_seen, "sim_max_in_flight": self.max_in_flight,
                    "sim_latency_mean_s": sum(lat) / len(lat) if lat else 0.0,
                    "sim_latency_p50_s": lat[len(lat) // 2] if lat else 0.0, "sim_latency_max_s": lat[-1] if lat else 0.0,
-                   "sim_parse_retries": sum(u.retried for u in self.users.values()) - self._retried_seen}
+                   "sim_parse_retries": sum(u.retried for u in self.users.values()) - self._retried_seen,
+                   # the longest any one dialogue waited on the simulator: no schedule can beat it
+                   "sim_slowest_dialogue_s": max((u.call_seconds for u in self.users.values()), default=0.0)}
             if reset:
                 self._reset_counters()
         return out
 
     def close(self):
         self.pool.shutdown(wait=True)
-
-
-# -----------------------------------------------------------------------------
-# A loopback OpenAI-compatible server around any backend (the `serve` command, tests, benchmarks)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"   # keep-alive: one connection serves a client thread's calls
-
-    def setup(self):
-        super().setup()   # headers and body leave in two writes: without this, Nagle holds the body ~40 ms
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def log_message(self, *args):
-        pass
-
-    def do_GET(self):
-        self._send(200, {"object": "list", "data": [{"id": "scripted", "object": "model"}]})
-
-    def do_POST(self):
-        server = self.server
-        request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-        with server.lock:
-            server.requests += 1
-            server.in_flight += 1
-            server.max_in_flight = max(server.max_in_flight, server.in_flight)
-            fault = server.faults.popleft() if server.faults else None
-        try:
-            time.sleep(server.delay + (fault if isinstance(fault, float) else 0.0))
-            if isinstance(fault, int):
-                status, answer = fault, {"error": {"message": f"injected HTTP {fault}"}}
-            else:
-                status, answer = 200, {"object": "chat.completion", "model": request.get("model"), "choices": [
-                    {"index": 0, "message": {"role": "assistant", "content": server.chat(request["messages"])},
-                     "finish_reason": "stop"}]}
-        finally:
-            with server.lock:   # before the answer leaves: the client may send its next call at once
-                server.in_flight -= 1
-        self._send(status, answer)
-
-    def _send(self, status, obj):
-        data = json.dumps(obj).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        try:
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
-            pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 1024  # the default of 5 drops bursts of simultaneous connections
-
-
-def serve(chat, host="127.0.0.1", port=0, delay=0.0, faults=()):
-    """Serve `chat` at http://host:port/v1/chat/completions from a background thread; answers come after
-    `delay` seconds. `faults` are consumed one per request: an int is an HTTP status to answer with,
-    a float extra seconds to stall. Returns the server (`.url`, `.requests`, `.max_in_flight`,
-    `.shutdown()`)."""
-    server = _Server((host, port), _Handler)
-    server.chat, server.delay, server.faults = chat, delay, collections.deque(faults)
-    server.lock, server.requests, server.in_flight, server.max_in_flight = threading.Lock(), 0, 0, 0
-    server.url = f"http://{host}:{server.server_address[1]}/v1"
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 # -----------------------------------------------------------------------------
@@ -903,7 +893,8 @@ def main(argv=None):
     elif args.command == "chat":
         interactive_chat(args)
     else:
-        server = serve(ScriptedUser(args.difficulty), port=args.port, delay=args.delay)
+        from loopback import serve
+        server = serve(ScriptedUser(args.difficulty), port=args.port, latency=args.delay)
         print(f"scripted simulated user at {server.url} (Ctrl-C to stop)")
         threading.Event().wait()
 

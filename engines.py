@@ -18,9 +18,9 @@ one that is still waiting on its simulated user.
   - VLLMEngine: continuous batching with vLLM's engine step loop: a request joins the running batch as
     soon as it arrives, and a finished request is answered at once.
   - HFEngine: transformers' generate, which cannot take new rows while it runs. It batches whatever is
-    ready, waiting after the first request for others (at most as long as its last generate call took,
-    and `gather_s`; not at all once every dialogue is waiting), and answers each row the moment it ends,
-    without waiting for the longest row.
+    ready, waiting after the first request for others (at most as long as its last generate call took;
+    not at all once every dialogue is waiting), and answers each row the moment it ends, without waiting
+    for the longest row.
 Sampling is seeded per request: a reply depends on its prompt, its seed and the weights, never on what
 else shares its batch or when it arrived (up to floating-point differences between batch shapes).
 """
@@ -406,15 +406,17 @@ class HFEngine(Engine):
     itself (always the newest weights); under torchrun on a private copy that receives the weights after
     every update. generate cannot take new rows while it runs, so requests that arrive meanwhile form the
     next batch. After the first request it waits for more, unless every running dialogue is already
-    waiting: a straggler left out costs a generate call of its own, so waiting up to as long as the last
-    call took pays (a larger batch costs little more, above all on a GPU); `gather_s` caps the wait."""
+    waiting. A straggler left out waits for the call under way and then needs one of its own, while a
+    larger batch costs little more (above all on a GPU): so the wait lasts up to as long as the last
+    call took, which brings it close to lockstep when generating dominates and leaves the dialogues
+    their own pace when the simulator does. `gather_s` caps the wait (None: no cap)."""
 
-    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0, gather_s=0.2):
+    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0, gather_s=None):
         super().__init__(temperature, top_p)
         self.model, self.tokenizer, self.gather_s = model, tokenizer, gather_s
         self.stop_ids = stop_ids(model.generation_config, tokenizer)
         self.rows = []                   # the requests of the batch being generated
-        self.generate_s = gather_s       # how long the last generate call took
+        self.generate_s = 0.0            # how long the last generate call took
 
     def load_weights(self, named_tensors):
         params = dict(self.model.named_parameters())
@@ -425,7 +427,7 @@ class HFEngine(Engine):
 
     def _step(self, running):
         batch = self._waiting(block=True)
-        deadline = time.monotonic() + min(self.gather_s, self.generate_s)
+        deadline = time.monotonic() + min(self.generate_s, math.inf if self.gather_s is None else self.gather_s)
         while batch and len(batch) < running() and (left := deadline - time.monotonic()) > 0:
             try:
                 batch += [r for r in [self.requests.get(timeout=left)] if r is not None]
@@ -541,7 +543,7 @@ class VLLMEngine(Engine):
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def make_engine(kind, lm, tokenizer, path, *, temperature=1.0, top_p=1.0, seed=0, device="cpu", gather_s=0.2,
+def make_engine(kind, lm, tokenizer, path, *, temperature=1.0, top_p=1.0, seed=0, device="cpu", gather_s=None,
                 max_model_len=10240, gpu_memory=0.35, sleep_mode=False, cpu_kv_gb=1):
     """The engine named `kind`: "vllm", "hf", or "auto" (vLLM on GPU when it is installed, else HF generate).
     The HF engine samples from `lm` itself in one process, from a private copy under torchrun (there `lm`

@@ -23,6 +23,7 @@ gpu        on one GPU (skipped without): 3 PPO steps of a random Qwen2.5-0.5B-sh
            1-rank torchrun; rollout and update tokens/s, peak memory, update MFU. Under 8 minutes.
 """
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -210,6 +211,24 @@ class Lockstep(engines.Engine):
                 r.future.set_result(g)
 
 
+@contextlib.contextmanager
+def remote_simulator(latency="0.2"):
+    """The scripted user behind a loopback OpenAI-compatible server in a process of its own, as a hosted
+    API would be (its work does not compete with the trainer's threads). latency: seconds, or
+    "lognormal:MEDIAN:SIGMA". Yields a client for it."""
+    import subprocess
+    spec = (f"loopback.lognormal({latency.split(':')[1]}, {latency.split(':')[2]})" if latency.startswith("lognormal")
+            else latency)
+    code = ("import threading, loopback, simulator as S; "
+            f"s = loopback.serve(S.ScriptedUser(), latency={spec}); print(s.url, flush=True); threading.Event().wait()")
+    server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+    try:
+        yield S.OpenAIChat(server.stdout.readline().strip(), "scripted", max_concurrency=512, timeout=600)
+    finally:
+        server.terminate()
+        server.wait()
+
+
 def play_rollout(engine, chat, scenarios, turns, max_new_tokens, mode="direct", concurrency=256, step=1):
     """One rollout of `scenarios` ({group: scenario}) against `chat`: (seconds, the slowest dialogue's own
     simulator seconds, the Simulator)."""
@@ -247,15 +266,11 @@ def rollout_vs_slow_simulator(dialogues=32, turns=4, delay=0.2):
     """32 dialogues x 4 turns, the simulator behind a loopback endpoint answering each call after 200 ms."""
     engine = tiny_engine("hf")
     scenarios = scenario_batch(dialogues)
-    server = loopback.serve(S.ScriptedUser(), latency=delay)
-    chat = S.OpenAIChat(server.url, "scripted", max_concurrency=256)
-    try:
+    with remote_simulator(str(delay)) as chat:
         play_rollout(engine, chat, scenarios, turns, 32, step=0)                            # warm-up
         ours, slowest, _ = play_rollout(engine, chat, scenarios, turns, 32)
         lockstep, _, _ = play_rollout(Lockstep(engine), chat, scenarios, turns, 32)
         serial, _, _ = play_rollout(engine, chat, scenarios, turns, 32, concurrency=1)   # the official loop
-    finally:
-        server.shutdown()
     print(f"\nrollout: {dialogues} dialogues x {turns} turns (tiny model, HF generate, 32 tokens a turn), "
           f"simulator {delay * 1000:.0f} ms a call")
     print("| schedule | seconds | vs the slowest dialogue's simulator time |")
@@ -273,14 +288,12 @@ def heavy_tailed(sizes=((48, 4), (128, 8)), median=1.0, sigma=0.8, kinds=("hf", 
     slowest dialogue's own simulator time: ours and lockstep, for HF generate and vLLM."""
     import importlib.util
     kinds = [k for k in kinds if k != "vllm" or importlib.util.find_spec("vllm")]
-    server = loopback.serve(S.ScriptedUser(), latency=loopback.lognormal(median, sigma))
-    chat = S.OpenAIChat(server.url, "scripted", max_concurrency=512, timeout=600)
     print(f"\nasync: simulator latency log-normal (median {median:g} s, log-sd {sigma:g}) per call, two calls a turn; "
           "tiny model, 32 new tokens a turn")
     print("| engine | dialogues x turns | slowest dialogue's simulator s | ours s | ours / slowest | lockstep s | "
           "lockstep / slowest | lockstep / ours |")
     print("|---|---|---|---|---|---|---|---|")
-    try:
+    with remote_simulator(f"lognormal:{median}:{sigma}") as chat:
         for kind in kinds:
             engine = tiny_engine(kind)
             play_rollout(engine, S.ScriptedUser(), scenario_batch(8), 2, 32, step=0)          # warm-up, no latency
@@ -291,8 +304,6 @@ def heavy_tailed(sizes=((48, 4), (128, 8)), median=1.0, sigma=0.8, kinds=("hf", 
                 print(f"| {kind} | {n} x {turns} | {slowest:.1f} | {ours:.1f} | {ours / slowest:.2f}x | {lock:.1f} | "
                       f"{lock / lock_slowest:.2f}x | {lock / ours:.2f}x |")
             engine.close()
-    finally:
-        server.shutdown()
 
 
 def varying_lengths(n=32, shortest=64, longest=1024, seed=0):
@@ -525,26 +536,16 @@ def gpu_schedules(path=None, dialogues=32, turns=3, new_tokens=64, device="cuda"
     engine = engines.make_engine("auto", lm.to(torch.bfloat16 if device == "cuda" else torch.float32), tokenizer,
                                  model_path, device=device, max_model_len=4096)
     engine.tokenizer = tokenizer
-    server = loopback.serve(S.ScriptedUser(), latency=loopback.lognormal(1.0, 0.8))
-    chat = S.OpenAIChat(server.url, "scripted", max_concurrency=512, timeout=600)
-    try:
+    with remote_simulator("lognormal:1.0:0.8") as chat:
         play_rollout(engine, S.ScriptedUser(), scenario_batch(dialogues), turns, new_tokens, step=0)   # warm-up
         ours, slowest, _ = play_rollout(engine, chat, scenario_batch(dialogues), turns, new_tokens, concurrency=512)
         lock, lock_slowest, _ = play_rollout(Lockstep(engine), chat, scenario_batch(dialogues), turns, new_tokens,
                                              concurrency=512)
-        capped = None
-        if isinstance(engine, engines.HFEngine):   # the HF engine's wait for stragglers capped at 200 ms
-            engine.gather_s = 0.2
-            capped, _, _ = play_rollout(engine, chat, scenario_batch(dialogues), turns, new_tokens, concurrency=512)
-    finally:
-        server.shutdown()
     print(f"\ngpu schedules: {type(engine).__name__}, {dialogues} dialogues x {turns} turns x {new_tokens} tokens, "
           "simulator log-normal (median 1 s, log-sd 0.8)")
     print("| schedule | seconds | vs the slowest dialogue's simulator time |")
     print("|---|---|---|")
     print(f"| ours | {ours:.1f} | {ours / slowest:.2f}x |")
-    if capped is not None:
-        print(f"| ours, --gather-ms 200 | {capped:.1f} | {capped / slowest:.2f}x |")
     print(f"| lockstep | {lock:.1f} | {lock / lock_slowest:.2f}x |")
     print(f"| the slowest dialogue's own simulator time | {slowest:.1f} | 1.00x |")
 

@@ -18,9 +18,8 @@ one that is still waiting on its simulated user.
   - VLLMEngine: continuous batching with vLLM's engine step loop: a request joins the running batch as
     soon as it arrives, and a finished request is answered at once.
   - HFEngine: transformers' generate, which cannot take new rows while it runs. It batches whatever is
-    ready, waiting after the first request for others (at most as long as its last generate call took;
-    not at all once every dialogue is waiting), and answers each row the moment it ends, without waiting
-    for the longest row.
+    ready, waiting up to `gather_s` after the first request for others (not at all once every dialogue
+    is waiting), and answers each row the moment it ends, without waiting for the longest row.
 Sampling is seeded per request: a reply depends on its prompt, its seed and the weights, never on what
 else shares its batch or when it arrived (up to floating-point differences between batch shapes).
 """
@@ -405,18 +404,18 @@ class HFEngine(Engine):
     """Sampling with transformers' generate (left-padded, KV cache). In one process it runs on the policy
     itself (always the newest weights); under torchrun on a private copy that receives the weights after
     every update. generate cannot take new rows while it runs, so requests that arrive meanwhile form the
-    next batch. After the first request it waits for more, unless every running dialogue is already
-    waiting. A straggler left out waits for the call under way and then needs one of its own, while a
-    larger batch costs little more (above all on a GPU): so the wait lasts up to as long as the last
-    call took, which brings it close to lockstep when generating dominates and leaves the dialogues
-    their own pace when the simulator does. `gather_s` caps the wait (None: no cap)."""
+    next batch. After the first request it waits up to `gather_s` for more, unless every running dialogue
+    is already waiting. The trade-off: a straggler left out waits for the call under way and then needs
+    one of its own, while a larger batch costs little more (above all on a GPU); a long wait holds the
+    ready dialogues back. An unbounded wait (gather_s = inf) is lockstep: every turn waits for the
+    slowest simulator call, which pays only when one generate call costs more than the simulator's
+    latency varies."""
 
-    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0, gather_s=None):
+    def __init__(self, model, tokenizer, temperature=1.0, top_p=1.0, gather_s=0.2):
         super().__init__(temperature, top_p)
         self.model, self.tokenizer, self.gather_s = model, tokenizer, gather_s
         self.stop_ids = stop_ids(model.generation_config, tokenizer)
         self.rows = []                   # the requests of the batch being generated
-        self.generate_s = 0.0            # how long the last generate call took
 
     def load_weights(self, named_tensors):
         params = dict(self.model.named_parameters())
@@ -427,17 +426,16 @@ class HFEngine(Engine):
 
     def _step(self, running):
         batch = self._waiting(block=True)
-        deadline = time.monotonic() + min(self.generate_s, math.inf if self.gather_s is None else self.gather_s)
+        deadline = time.monotonic() + self.gather_s
         while batch and len(batch) < running() and (left := deadline - time.monotonic()) > 0:
             try:
-                batch += [r for r in [self.requests.get(timeout=left)] if r is not None]
+                batch += [r for r in [self.requests.get(timeout=None if math.isinf(left) else left)] if r is not None]
             except queue.Empty:
                 break
         if batch:   # in a fixed order, so that the same requests make the same batch whenever they came
             self.rows = sorted(batch + self._waiting(block=False), key=lambda r: r.seed)
-            start = time.monotonic()
             self._generate(self.rows)
-            self.rows, self.generate_s = [], time.monotonic() - start
+            self.rows = []
 
     @torch.no_grad()
     def _generate(self, requests):
@@ -484,8 +482,9 @@ class VLLMEngine(Engine):
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cpu_kv_gb))
         from vllm import LLM, SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
-        self.SamplingParams, self.TokensPrompt = SamplingParams, TokensPrompt
+        self.SamplingParams, self.TokensPrompt, self.final_only = SamplingParams, TokensPrompt, RequestOutputKind.FINAL_ONLY
         distributed, gpu = dist.is_available() and dist.is_initialized(), device.startswith("cuda")
         # On CPU a prompt split over engine steps (chunked prefill) rewinds its request's seeded generator,
         # which CPU generators cannot do: there, prompts are scheduled whole.
@@ -508,7 +507,8 @@ class VLLMEngine(Engine):
             greedy = self.temperature == 0
             params = self.SamplingParams(temperature=self.temperature, top_p=1.0 if greedy else self.top_p,
                                          max_tokens=r.max_new_tokens, logprobs=0, stop_token_ids=self.stop_ids,
-                                         detokenize=False, seed=None if greedy else r.seed % 2**63)
+                                         detokenize=False, seed=None if greedy else r.seed % 2**63,
+                                         output_kind=self.final_only)   # no per-step copies of running requests
             self.count += 1
             self.running[f"rlver-{self.count}"] = r
             engine.add_request(f"rlver-{self.count}", self.TokensPrompt(prompt_token_ids=r.prompt), params)
@@ -543,7 +543,7 @@ class VLLMEngine(Engine):
         self.llm.llm_engine.engine_core.shutdown()
 
 
-def make_engine(kind, lm, tokenizer, path, *, temperature=1.0, top_p=1.0, seed=0, device="cpu", gather_s=None,
+def make_engine(kind, lm, tokenizer, path, *, temperature=1.0, top_p=1.0, seed=0, device="cpu", gather_s=0.2,
                 max_model_len=10240, gpu_memory=0.35, sleep_mode=False, cpu_kv_gb=1):
     """The engine named `kind`: "vllm", "hf", or "auto" (vLLM on GPU when it is installed, else HF generate).
     The HF engine samples from `lm` itself in one process, from a private copy under torchrun (there `lm`

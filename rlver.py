@@ -143,9 +143,9 @@ def build_parser():
     g = p.add_argument_group("generation engine")
     g.add_argument("--engine", choices=("auto", "hf", "vllm"), default="auto",
                    help="vllm: a colocated vLLM engine per rank; hf: transformers' generate; auto: vllm on GPU if installed")
-    g.add_argument("--gather-ms", type=float, default=None,
-                   help="HF engine: after the first dialogue is ready it waits for others as long as its last "
-                        "generate call took; this caps the wait (default: no cap)")
+    g.add_argument("--gather-ms", type=float, default=200.0,
+                   help="HF engine: after the first dialogue is ready, wait up to this long for others to batch "
+                        "with (inf: lockstep, every turn waits for the slowest simulator call)")
     g.add_argument("--vllm-gpu-memory", type=float, default=0.35,
                    help="share of the GPU's memory vLLM may take (its weights and KV cache)")
     g.add_argument("--vllm-sleep", action="store_true", help="vLLM sleeps during the update, freeing its GPU memory")
@@ -606,7 +606,7 @@ def main(argv=None):
         sys.exit(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
-    torch.manual_seed(cfg.seed)   # the same initial weights (critic head) on every rank
+    torch.manual_seed(cfg.seed + rank)   # generation is seeded per request instead (engines.request_seed)
     if rank == 0:
         print(json.dumps(vars(cfg), indent=1))
     policy, critic, reference, engine, tokenizer = build_models(cfg, ckpt, rank, device)
@@ -729,7 +729,7 @@ def build_models(cfg, ckpt, rank, device):
         lm.gradient_checkpointing_enable()
     policy = E.Policy(lm).train()
     engine = E.make_engine(cfg.engine, lm, tokenizer, path, temperature=cfg.temperature, top_p=cfg.top_p,
-                           seed=cfg.seed + rank, device=device, gather_s=None if cfg.gather_ms is None else cfg.gather_ms / 1000,
+                           seed=cfg.seed + rank, device=device, gather_s=cfg.gather_ms / 1000,
                            max_model_len=cfg.max_context_tokens, gpu_memory=cfg.vllm_gpu_memory,
                            sleep_mode=cfg.vllm_sleep, cpu_kv_gb=cfg.vllm_cpu_kv_gb)
     engine.pushes_weights = not (isinstance(engine, E.HFEngine) and engine.model is lm)   # else it samples from lm

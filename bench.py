@@ -199,7 +199,7 @@ class Lockstep(engines.Engine):
 
     def __init__(self, engine):
         super().__init__()
-        self.engine = engine
+        self.engine, self.tokenizer = engine, engine.tokenizer
 
     def _step(self, running):
         batch = self._waiting(block=True)
@@ -238,23 +238,17 @@ def play_rollout(engine, chat, scenarios, turns, max_new_tokens, mode="direct", 
                                            str(max_new_tokens), "--group-size", "1"])
     sim = S.Simulator(chat, start_emotion=50, max_turns=turns, mode=mode, concurrency=concurrency)
     start = time.perf_counter()
-    rlver.rollout(engine, sim, engine_tokenizer(engine), scenarios, cfg, step)
+    rlver.rollout(engine, sim, engine.tokenizer, scenarios, cfg, step)
     seconds = time.perf_counter() - start
     sim.close()
     return seconds, max(u.call_seconds for u in sim.users.values()), sim
-
-
-def engine_tokenizer(engine):
-    return getattr(engine, "tokenizer", None) or engine.engine.tokenizer
 
 
 def tiny_engine(kind="hf"):
     import torch
     torch.manual_seed(0)
     lm, tokenizer, path = engines.load_policy(engines.resolve_model("tiny"), "cpu")
-    engine = engines.make_engine(kind, lm, tokenizer, path, max_model_len=4096)
-    engine.tokenizer = tokenizer
-    return engine
+    return engines.make_engine(kind, lm, tokenizer, path, max_model_len=4096)
 
 
 def scenario_batch(n):
@@ -535,7 +529,6 @@ def gpu_schedules(path=None, dialogues=32, turns=3, new_tokens=64, device="cuda"
     lm, tokenizer, model_path = engines.load_policy(str(path or gpu_model()), device)
     engine = engines.make_engine("auto", lm.to(torch.bfloat16 if device == "cuda" else torch.float32), tokenizer,
                                  model_path, device=device, max_model_len=4096)
-    engine.tokenizer = tokenizer
     with remote_simulator("lognormal:1.0:0.8") as chat:
         play_rollout(engine, S.ScriptedUser(), scenario_batch(dialogues), turns, new_tokens, step=0)   # warm-up
         ours, slowest, _ = play_rollout(engine, chat, scenario_batch(dialogues), turns, new_tokens, concurrency=512)

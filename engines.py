@@ -493,7 +493,7 @@ class VLLMEngine(Engine):
                        gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep_mode, enforce_eager=not gpu,
                        distributed_executor_backend="external_launcher" if distributed else None,
                        enable_prefix_caching=True, logprobs_mode="processed_logprobs", **cpu)
-        self.sleeps = sleep_mode
+        self.tokenizer, self.sleeps = tokenizer, sleep_mode
         try:
             defaults = GenerationConfig.from_pretrained(path)
         except OSError:   # the model has no generation_config.json

@@ -50,7 +50,9 @@ PAPER = {
 def read_transcripts(path, tolerate_torn_end=False):
     """Dialogues of a transcript file (one JSON object a line). A malformed line is an error naming the
     file and line, except a torn last line when resuming (a run killed mid-write), which is dropped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_text(encoding="utf-8").split("\n")   # JSON Lines end at \n only (text may hold U+2028)
+    while lines and not lines[-1].strip():
+        lines.pop()
     out = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -191,7 +193,7 @@ def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
     whose simulator fails for good is left out of the file (the next run plays it) and reported.
     Returns all transcripts of the file."""
     done = read_transcripts(path, tolerate_torn_end=True) if path.exists() else []
-    path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in done))   # drops a torn last line
+    path.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in done), encoding="utf-8")   # drops a torn last line
     finished = {t["dialogue_id"] for t in done}
     todo = [s for s in scenarios if s.id not in finished]
     if done:
@@ -213,7 +215,7 @@ def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
             f.flush()
             bar.update()
 
-    with open(path, "a") as f, ThreadPoolExecutor(max(1, min(args.batch_size, len(todo)))) as pool:
+    with open(path, "a", encoding="utf-8") as f, ThreadPoolExecutor(max(1, min(args.batch_size, len(todo)))) as pool:
         dialogues = [pool.submit(play, s, f) for s in todo]
         assistant.serve(dialogues)
     bar.close()
@@ -268,7 +270,7 @@ def run_judge(transcripts, chat, path, concurrency=32):
         for t, verdict in zip(todo, tqdm(pool.map(lambda t: judge(chat, t), todo), total=len(todo), desc="judge")):
             t["judge"] = verdict
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts))
+    tmp.write_text("".join(json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts), encoding="utf-8")
     os.replace(tmp, path)
     return transcripts
 
@@ -375,7 +377,7 @@ def main(argv=None):
     elif args.compare:
         summaries = {}
         for d in args.compare:
-            summaries.update(json.loads((Path(d) / "summary.json").read_text()))
+            summaries.update(json.loads((Path(d) / "summary.json").read_text(encoding="utf-8")))
         print(compare(summaries, args.paper))
         print("\nmean emotion per turn:\n" + plot_emotion(summaries, out))
         return summaries
@@ -408,7 +410,7 @@ def main(argv=None):
         summaries = {name: summarize(transcripts)}
     for name, s in summaries.items():
         print_summary(name, s)
-    (out / "summary.json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False))
+    (out / "summary.json").write_text(json.dumps(summaries, indent=1, ensure_ascii=False), encoding="utf-8")
     print(f"\nwrote {out / 'summary.json'}")
     return summaries
 

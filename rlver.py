@@ -46,9 +46,11 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -62,6 +64,8 @@ from tqdm import tqdm
 
 import engines as E
 import simulator as S
+
+MAX_NONFINITE_STEPS = 3   # consecutive steps with only non-finite updates before the run stops
 
 # -----------------------------------------------------------------------------
 # Configuration: every flag, grouped; defaults follow the official RLVER run
@@ -121,6 +125,9 @@ def build_parser():
                    help="dual-clip constant c (e.g. 3) for negative advantages; off by default")
     g.add_argument("--value-clip", type=float, default=0.5,
                    help="clip of the value update around the old values (PPO)")
+    g.add_argument("--tis-cap", type=float, default=None,
+                   help="truncated importance sampling: weight each token's policy loss by "
+                        "min(pi_trainer / pi_sampler, C) to correct the engine/trainer mismatch (e.g. 2); off by default")
     g.add_argument("--entropy-coef", type=float, default=0.001, help="entropy bonus")
     g.add_argument("--kl-coef", type=float, default=0.0,
                    help="KL to the frozen initial model (0: no reference model is loaded)")
@@ -196,19 +203,24 @@ def masked_whiten(x, mask, eps=1e-8):
 def grpo_advantages(scores, group_ids, norm_by_std=True, eps=1e-6):
     """Group-relative advantage of each dialogue: A_i = (s_i - mean_g) / (std_g + eps), with the mean and
     the unbiased std over the dialogues of i's group g. Without std normalisation (Dr. GRPO):
-    A_i = s_i - mean_g. A group of one has mean 0 and std 1, so its advantage is its score.
+    A_i = s_i - mean_g. A group of one has mean 0 and std 1, so its advantage is its score. A group whose
+    scores are all equal carries no signal: its advantages are exactly 0 (in float32, 8 x 0.99 would give
+    (0.99 - mean) / (std + eps) = +0.106 from rounding alone).
 
     Example: scores [1, 0, .5, .5] in groups [0, 0, 1, 1] -> std of group 0 is .7071 ->
     A = [.7071, -.7071, 0, 0].
     """
-    scores = scores.float()                                 # [N]
+    scores = scores.double()                                # [N] float64: ties stay ties
     advantages = torch.empty_like(scores)
     for g in torch.unique(group_ids):
         idx = group_ids == g
         s = scores[idx]
+        if len(s) > 1 and bool((s == s[0]).all()):   # all equal: exactly 0, not (s - mean) rounding / eps
+            advantages[idx] = 0.0
+            continue
         mean, std = (s.mean(), s.std()) if len(s) > 1 else (torch.tensor(0.0), torch.tensor(1.0))
         advantages[idx] = (s - mean) / (std + eps) if norm_by_std else s - mean
-    return advantages
+    return advantages.float()
 
 
 def clipped_surrogate(logp, logp_old, advantages, clip_low=0.2, clip_high=0.2, dual_clip=None):
@@ -277,15 +289,29 @@ def aggregate_loss(per_token, mask, mode, num_tokens=None, num_seqs=None, norm_l
     return rows.sum() / num_seqs
 
 
+def tis_weights(logp_old, logp_engine, cap):
+    """Truncated importance sampling: the engine samples from pi_sampler (other kernels, bf16, top-p) while
+    the update assumes pi_trainer. Each token's policy loss is weighted by
+        w = min(exp(logp_old - logp_engine), C) = min(pi_trainer / pi_sampler, C),   no gradient,
+    which corrects the mismatch in expectation, the cap bounding the variance (as verl and OpenRLHF do).
+    Example: logp_old = -1, logp_engine = -1.5, C = 2 -> w = e^0.5 = 1.6487; with logp_engine = -3 -> 2."""
+    return torch.exp(logp_old - logp_engine).clamp(max=cap).detach()
+
+
 def policy_loss(logp, entropy, batch, agg, token_mean, cfg):
     """The actor's loss on one micro-batch, and its diagnostics:
-        L = agg(clipped_surrogate(logp, logp_old, A)) - entropy_coef * agg(H) [+ kl_coef * agg(KL(pi || pi_ref))]
-    `agg` normalises with the counts of the whole mini-batch, so the micro-batch losses add up to the
-    mini-batch's; `token_mean` likewise makes each diagnostic this micro-batch's share of a mean over the
-    mini-batch: approx_kl is the k3 estimate of KL(old || new), clipfrac the share of tokens whose clip
-    is active (counted as verl does), kl_ref the k3 estimate of KL(pi || pi_ref)."""
+        L = agg(w * clipped_surrogate(logp, logp_old, A)) - entropy_coef * agg(H) [+ kl_coef * agg(KL(pi || pi_ref))]
+    with w = 1, or the truncated importance weights with --tis-cap. `agg` normalises with the counts of
+    the whole mini-batch, so the micro-batch losses add up to the mini-batch's; `token_mean` likewise makes
+    each diagnostic this micro-batch's share of a mean over the mini-batch: approx_kl is the k3 estimate of
+    KL(old || new), clipfrac the share of tokens whose clip is active (counted as verl does), kl_ref the
+    k3 estimate of KL(pi || pi_ref), tis_weight the mean weight and tis_capped the share at the cap."""
     mask, advantages, logp_old = batch["loss_mask"], batch["advantages"], batch["logp_old"]   # [b, t] each
-    pg_loss = agg(clipped_surrogate(logp, logp_old, advantages, cfg.clip_low, cfg.clip_high, cfg.dual_clip), mask)
+    surrogate = clipped_surrogate(logp, logp_old, advantages, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
+    if cfg.tis_cap is not None:
+        w = tis_weights(logp_old, batch["engine_logp"], cfg.tis_cap)          # [b, t]
+        surrogate = w * surrogate
+    pg_loss = agg(surrogate, mask)
     loss = pg_loss - cfg.entropy_coef * agg(entropy, mask)
     if cfg.kl_coef > 0 and cfg.kl_in == "loss":
         loss = loss + cfg.kl_coef * agg(kl_penalty(logp, batch["logp_ref"], cfg.kl_kind), mask)
@@ -297,6 +323,8 @@ def policy_loss(logp, entropy, batch, agg, token_mean, cfg):
                  "approx_kl": token_mean(ratio - 1 - log_ratio, mask), "clipfrac": token_mean(clipped.float(), mask)}
         if cfg.kl_coef > 0:
             stats["kl_ref"] = token_mean(kl_penalty(logp, batch["logp_ref"], "k3"), mask)
+        if cfg.tis_cap is not None:
+            stats["tis_weight"], stats["tis_capped"] = token_mean(w, mask), token_mean((w >= cfg.tis_cap).float(), mask)
     return loss, stats
 
 
@@ -513,6 +541,7 @@ def update_policy(samples, policy, critic, optimizer, critic_optimizer, cfg, dev
     world = dist.get_world_size() if is_distributed() else 1   # FSDP averages gradients over ranks: undo it
     fields = ["advantages", "returns"] + [f for f in ("logp_old", "logp_ref", "values_old")
                                           if samples and getattr(samples[0], f) is not None]
+    fields += ["engine_logp"] if cfg.tis_cap is not None else []
     history = collections.defaultdict(list)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(len(samples), generator=generator).tolist()
@@ -545,15 +574,23 @@ def update_policy(samples, policy, critic, optimizer, critic_optimizer, cfg, dev
             names = sorted(stats)   # every rank holds a share of each mini-batch sum
             stats = dict(zip(names, all_sum(*(stats[k] for k in names)).tolist()))
             stats["grad_norm"] = clip_grad_norm(policy, cfg.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             if critic is not None:
                 stats["critic_grad_norm"] = clip_grad_norm(critic, cfg.grad_clip)
-                critic_optimizer.step()
-                critic_optimizer.zero_grad(set_to_none=True)
+            # a NaN or inf anywhere would spread to every weight in one step: skip the step instead (the
+            # sums and norms are global, so every rank decides alike)
+            finite = all(math.isfinite(v) for v in stats.values())
+            stats["skipped_updates"] = float(not finite)
+            for opt, module in ((optimizer, policy), (critic_optimizer, critic)):
+                if module is not None:
+                    if finite:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
             for k, v in stats.items():
                 history[k].append(v)
-    return {k: sum(v) / len(v) for k, v in history.items()}
+    out = {k: sum(v) / len(v) for k, v in history.items()}
+    out["skipped_updates"] = int(sum(history["skipped_updates"]))   # a count, not a mean
+    out["optimizer_steps"] = len(history["skipped_updates"])
+    return out
 
 
 def pad(rows, value=0, dtype=torch.float32, device="cpu"):
@@ -598,12 +635,19 @@ def clip_grad_norm(module, max_norm):
 
 
 def main(argv=None):
-    cfg = resolve_config(argv)
+    cfg, ckpt = resolve_config(argv)
     rank, world, device = init_distributed(cfg.device)
     out = Path(cfg.out)
-    ckpt = latest_checkpoint(out) if cfg.resume else None
     if ckpt is None and latest_checkpoint(out) is not None:
         sys.exit(f"{out} already holds a run; continue it with --resume {out} or choose another --out")
+    if rank == 0:
+        lock_run_folder(out)
+    try:
+        scenarios = S.load_scenarios(cfg.scenarios, split=cfg.split)
+    except (S.ScenarioError, OSError) as e:
+        sys.exit(str(e))
+    if not scenarios:
+        sys.exit(f"{cfg.scenarios} has no scenarios in split {cfg.split!r}")
     random.seed(cfg.seed + rank)
     np.random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)   # generation is seeded per request instead (engines.request_seed)
@@ -611,9 +655,6 @@ def main(argv=None):
         print(json.dumps(vars(cfg), indent=1))
     policy, critic, reference, engine, tokenizer = build_models(cfg, ckpt, rank, device)
     optimizers = build_optimizers(cfg, policy, critic)
-    scenarios = S.load_scenarios(cfg.scenarios, split=cfg.split)
-    if not scenarios:
-        sys.exit(f"{cfg.scenarios} has no scenarios in split {cfg.split!r}")
     sampler = ScenarioSampler(len(scenarios), cfg.seed)   # the same order on every rank
     generator = torch.Generator().manual_seed(cfg.seed + rank)
     step = resume(ckpt, optimizers, sampler, generator, rank, world) if ckpt else 0
@@ -621,6 +662,7 @@ def main(argv=None):
         engine.load_weights(stream_weights(policy.lm))
     chat = S.chat_from_args(cfg)
     metrics_path = prepare_output(out, step, rank)
+    nonfinite_steps = 0   # consecutive steps whose every update was skipped
 
     for step in tqdm(range(step + 1, cfg.steps + 1), desc=f"{cfg.algo}/{cfg.mode}", initial=step, total=cfg.steps,
                      disable=rank != 0):
@@ -663,8 +705,10 @@ def main(argv=None):
         stats = update_policy(samples, policy, critic, optimizers["policy"], optimizers.get("critic"), cfg, device,
                               generator)
         lr = optimizers["policy_schedule"].get_last_lr()[0]
+        all_skipped = stats["optimizer_steps"] and stats["skipped_updates"] == stats["optimizer_steps"]
+        nonfinite_steps = nonfinite_steps + 1 if all_skipped else 0
         for name in ("policy_schedule", "critic_schedule"):
-            if name in optimizers:
+            if name in optimizers and not nonfinite_steps:
                 optimizers[name].step()
         engine.wake_up()
         if engine.pushes_weights:
@@ -687,10 +731,18 @@ def main(argv=None):
         if rank == 0:
             write_step(out, metrics_path, row, transcripts)
             tqdm.write(step_line(row, cfg.steps))
+            if stats["skipped_updates"]:   # non-finite losses or gradients: those updates were not applied
+                tqdm.write(f"step {step}: non-finite loss or gradient norm in {stats['skipped_updates']} of "
+                           f"{stats['optimizer_steps']} optimizer steps; those updates were skipped")
             if row["parse_failure_rate"] >= 0.5:
                 tqdm.write(f"warning: the simulator's analyses were unparsable in {row['parse_failure_rate']:.0%} of "
                            "the turns (counted as no change): is --sim-model following the prompts?")
 
+        if nonfinite_steps >= MAX_NONFINITE_STEPS:   # before a checkpoint: the last one saved is still good
+            stop(engine, f"step {step}: every update of the last {nonfinite_steps} steps had a non-finite loss or "
+                         f"gradient norm (grad_norm {stats['grad_norm']}, policy_loss {stats['policy_loss']}); the run "
+                         f"stops. Check --lr, --temperature and the model's dtype; the checkpoints in "
+                         f"{out}/checkpoints hold no non-finite update")
         if step % cfg.save_every == 0 or step == cfg.steps:
             save_checkpoint(out, step, cfg, policy, critic, tokenizer, optimizers, sampler, generator, rank)
     if rank == 0:
@@ -703,13 +755,17 @@ def main(argv=None):
 
 
 def resolve_config(argv=None):
-    """Parse flags; with --resume, start from the run's saved config and apply only the flags given now."""
+    """Parse and check the flags; with --resume, start from the config of the run's newest intact checkpoint
+    and apply only the flags given now. Returns (config, checkpoint to resume from or None). Every bad
+    flag or path is refused here, before any model loads, with a message that names it."""
     parser = build_parser()
     cfg = parser.parse_args(argv)
+    ckpt = None
     if cfg.resume:
-        ckpt = latest_checkpoint(cfg.resume)
+        ckpt = find_checkpoint(cfg.resume, int(os.environ.get("WORLD_SIZE", 1)))
         if ckpt is None:
-            parser.error(f"--resume {cfg.resume}: no checkpoint found in {cfg.resume}/checkpoints")
+            parser.error(f"--resume {cfg.resume}: no intact checkpoint in {cfg.resume}/checkpoints"
+                         + (" (see the warnings above)" if latest_checkpoint(cfg.resume) else ""))
         given = vars(parser.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(cfg), None))))
         saved = json.loads((ckpt / "config.json").read_text())
         cfg = argparse.Namespace(**{**vars(parser.parse_args([])), **saved, **{k: v for k, v in given.items() if v is not None}})
@@ -718,7 +774,77 @@ def resolve_config(argv=None):
         cfg.group_size = 4 if cfg.algo == "grpo" else 1
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg
+    if problem := config_problem(cfg):
+        parser.error(problem)
+    return cfg, ckpt
+
+
+def config_problem(cfg):
+    """The first flag or path that cannot work, said in words, or None."""
+    rules = [  # (flag, allowed?, what it must be)
+        *[(f, lambda v: v >= 1, "at least 1") for f in (
+            "steps", "batch_size", "group_size", "max_turns", "max_new_tokens", "save_every", "keep_checkpoints",
+            "ppo_epochs", "mini_batches", "micro_batch_tokens", "logprob_chunk", "sim_max_tokens", "sim_concurrency",
+            "vllm_cpu_kv_gb")],
+        *[(f, lambda v: v >= 0, "0 or more") for f in (
+            "warmup_steps", "critic_warmup_steps", "sim_retries", "max_change", "lr", "critic_lr", "weight_decay",
+            "kl_coef", "entropy_coef", "clip_high", "sim_temperature", "gather_ms")],
+        ("max_context_tokens", lambda v: v > cfg.max_new_tokens, "more than --max-new-tokens"),
+        ("temperature", lambda v: 0 < v < math.inf,
+         "above 0 (training needs the sampler's probabilities; greedy decoding has none)"),
+        ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+        ("clip_low", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("grad_clip", lambda v: v > 0, "above 0"),
+        ("value_clip", lambda v: v > 0, "above 0"),
+        ("gamma", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("lam", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("dual_clip", lambda v: v is None or v > 1, "above 1"),
+        ("tis_cap", lambda v: v is None or v >= 1, "at least 1"),
+        ("max_dropped_share", lambda v: 0 <= v <= 1, "in [0, 1]"),
+        ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
+        ("sim_timeout", lambda v: 0 < v < math.inf, "above 0"),
+        ("vllm_gpu_memory", lambda v: 0 < v <= 1, "in (0, 1]"),
+    ]
+    for name, allowed, what in rules:
+        value = getattr(cfg, name)
+        finite = value is None or name == "gather_ms" or not isinstance(value, float) or math.isfinite(value)
+        if not (finite and allowed(value)):   # `not` so that NaN is refused too
+            return f"--{name.replace('_', '-')} must be {what}, got {value}"
+    if problem := S.sim_args_problem(cfg):
+        return problem
+    if problem := model_problem(cfg.model) if not cfg.resume or cfg.kl_coef > 0 else None:
+        return problem
+    if not Path(cfg.scenarios).is_file():
+        return f"--scenarios {cfg.scenarios}: no such file"
+    return writable_problem(Path(cfg.out))
+
+
+def model_problem(name):
+    """Why --model cannot name a model: a path that does not exist, or a folder without a model in it."""
+    path = Path(name).expanduser()
+    if name == "tiny" or (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and name.endswith(".gguf")):
+        return None
+    if path.exists():
+        return f"--model {name}: {'a folder without config.json' if path.is_dir() else 'not a model folder or .gguf file'}"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) and not name.endswith(".gguf"):
+        return None   # a Hugging Face id (owner/name)
+    return f"--model {name}: no such file or folder (nor a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct)"
+
+
+def writable_problem(out):
+    """Why the run could not write its folder (found now, not after the first step), or None."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for folder in (out, out / "transcripts", out / "checkpoints"):
+            if folder.exists():
+                probe = folder / f".write-test-{os.getpid()}"
+                probe.write_text("")
+                probe.unlink()
+        if (out / "metrics.jsonl").exists() and not os.access(out / "metrics.jsonl", os.W_OK):
+            raise PermissionError(f"{out / 'metrics.jsonl'} is read-only")
+    except OSError as e:
+        return f"--out {out}: cannot write there ({e.strerror or e})"
+    return None
 
 
 def build_models(cfg, ckpt, rank, device):
@@ -858,7 +984,7 @@ def empty_batch(device):
     out = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
            "attention_mask": torch.ones(1, 2, dtype=torch.long, device=device),
            "loss_mask": torch.tensor([[0.0, 1.0]], device=device)}
-    return out | {f: torch.zeros(1, 2, device=device) for f in ("advantages", "returns", "logp_old", "logp_ref", "values_old")}
+    return out | {f: torch.zeros(1, 2, device=device) for f in ("advantages", "returns", "logp_old", "logp_ref", "values_old", "engine_logp")}
 
 
 def shard(module, layers, device):
@@ -891,12 +1017,17 @@ def save_checkpoint(out, step, cfg, policy, critic, tokenizer, optimizers, sampl
     """OUT/checkpoints/step_N/{policy/, critic/, trainer_state_rank*.pt, config.json}; `latest` names the
     newest complete one. Models are gathered to rank 0 and saved as plain Hugging Face folders; each rank
     saves its own optimizer shard, data cursor (`cursor`: (epoch, position) when the sampler has moved
-    past step N) and RNG state. Everything is written to a temporary folder renamed when complete, so a
-    crash never leaves a torn checkpoint. Every rank must call this. Returns the checkpoint's folder."""
+    past step N) and RNG state. Everything is written to a temporary folder, flushed to disk and renamed
+    when complete, so a crash or a power cut never leaves a torn checkpoint; weights that are not finite
+    are never saved. Every rank must call this. Returns the checkpoint's folder."""
     root = Path(out) / "checkpoints"
     final, tmp = root / f"step_{step:06d}", root / f"step_{step:06d}.tmp"
     policy_weights = full_state_dict(policy.lm)
     critic_weights = full_state_dict(critic) if critic is not None else {}
+    poisoned = [k for k, v in {**policy_weights, **critic_weights}.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if all_max(bool(poisoned))[0]:
+        sys.exit(f"step {step}: not saving a checkpoint: non-finite weights ({', '.join(poisoned[:3]) or 'on rank 0'}); "
+                 f"the last checkpoint in {root} is intact")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         policy.lm.save_pretrained(tmp / "policy", state_dict=policy_weights)
@@ -913,22 +1044,35 @@ def save_checkpoint(out, step, cfg, policy, critic, tokenizer, optimizers, sampl
     torch.save(state, tmp / f"trainer_state_rank{rank}.pt")
     barrier()
     if rank == 0:
+        fsync_tree(tmp)   # on disk before the rename makes it final
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         (root / "latest.tmp").write_text(final.name)
+        fsync_tree(root / "latest.tmp")
         os.replace(root / "latest.tmp", root / "latest")
-        for old in sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))[:-cfg.keep_checkpoints]:
+        fsync_tree(root, files=False)
+        for old in checkpoints(out)[cfg.keep_checkpoints:]:
             shutil.rmtree(old)
     barrier()
     return final
 
 
+def fsync_tree(path, files=True):
+    """Flush a file, or a folder's files and the folder entries themselves, to disk."""
+    path = Path(path)
+    for p in ([*path.rglob("*"), path] if path.is_dir() else [path]):
+        if p.is_file() and not files:
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def resume(ckpt, optimizers, sampler, generator, rank, world):
-    """Restore this rank's trainer state from a checkpoint; returns its step."""
-    state_file = ckpt / f"trainer_state_rank{rank}.pt"
-    if not state_file.exists() or (ckpt / f"trainer_state_rank{world}.pt").exists():
-        sys.exit(f"{ckpt} was not written by {world} processes; resume with the same number")
-    state = torch.load(state_file, weights_only=False)
+    """Restore this rank's trainer state from a checkpoint (checked by find_checkpoint); returns its step."""
+    state = torch.load(ckpt / f"trainer_state_rank{rank}.pt", weights_only=False)
     sampler.epoch, sampler.position = state["epoch"], state["position"]
     for k, v in optimizers.items():
         v.load_state_dict(state[k])
@@ -939,9 +1083,83 @@ def resume(ckpt, optimizers, sampler, generator, rank, world):
     return state["step"]
 
 
+def checkpoints(out):
+    """OUT's complete checkpoint folders, newest first."""
+    root = Path(out) / "checkpoints"
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+
+
 def latest_checkpoint(out):
-    pointer = Path(out) / "checkpoints" / "latest"
-    return pointer.parent / pointer.read_text().strip() if pointer.exists() else None
+    """The newest complete checkpoint of OUT, or None."""
+    return next(iter(checkpoints(out)), None)
+
+
+def find_checkpoint(out, world):
+    """The newest checkpoint of OUT that is intact, for resuming with `world` processes. A damaged one
+    (a truncated weight file, an empty state or config: a disk that filled up, a copy cut short) is
+    reported and the previous one is taken; a checkpoint written by another number of processes is an
+    error, since every older one was too."""
+    for ckpt in checkpoints(out):
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            written = len(list(ckpt.glob("trainer_state_rank*.pt")))
+            if written != world:
+                raise SystemExit(f"{ckpt} was written by {written} processes and this run has {world}; resume "
+                                 f"with the same number (torchrun --nproc_per_node {written})")
+            return ckpt
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"warning: checkpoint {ckpt} is unusable ({problem}); trying the one before it", file=sys.stderr)
+    return None
+
+
+def checkpoint_problem(ckpt):
+    """What is wrong with a checkpoint folder, or None when every file it needs is whole."""
+    config = ckpt / "config.json"
+    try:
+        if not isinstance(json.loads(config.read_text()), dict):
+            return f"{config.name} does not hold the run's config"
+    except (OSError, ValueError) as e:
+        return f"{config.name} is missing or unreadable ({type(e).__name__})"
+    for model in ("policy", "critic"):
+        if model == "critic" and not (ckpt / model).exists():
+            continue
+        if not list((ckpt / model).glob("*.safetensors")):
+            return f"{model}/ has no weights"
+        for f in sorted((ckpt / model).iterdir()):
+            if f.suffix == ".json":
+                try:
+                    json.loads(f.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    return f"{model}/{f.name} is empty or not JSON"
+            elif f.suffix == ".safetensors" and (why := safetensors_problem(f)):
+                return f"{model}/{f.name} {why}"
+    if (ckpt / "critic").exists() and not zipfile.is_zipfile(ckpt / "critic" / "value_head.pt"):
+        return "critic/value_head.pt is missing or damaged"
+    states = sorted(ckpt.glob("trainer_state_rank*.pt"))
+    if not (ckpt / "trainer_state_rank0.pt").exists():
+        return "trainer_state_rank0.pt is missing"
+    for rank in range(len(states)):
+        f = ckpt / f"trainer_state_rank{rank}.pt"
+        if not f.exists():
+            return f"{f.name} is missing"
+        if not zipfile.is_zipfile(f):   # torch.save writes a zip whose directory comes last: a cut file has none
+            return f"{f.name} is {'empty' if f.stat().st_size == 0 else 'truncated or damaged'}"
+    return None
+
+
+def safetensors_problem(path):
+    """Why a .safetensors file is not whole (its header announces more bytes than the file holds), or None."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 + n:
+                raise ValueError
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError):
+        return f"has a damaged header ({size} bytes)"
+    return None if size == 8 + n + end else f"is truncated ({size} of {8 + n + end} bytes)"
 
 
 def rng_state():
@@ -958,20 +1176,54 @@ def set_rng_state(state):
 
 
 def prepare_output(out, step, rank):
-    """OUT/transcripts/, and OUT/metrics.jsonl without the lines of steps after `step` (a crash lost them)."""
+    """OUT/transcripts/, and OUT/metrics.jsonl without the lines of steps after `step` (a crash lost them) and
+    without a line torn by a kill mid-write (reported)."""
     metrics_path = out / "metrics.jsonl"
     if rank == 0:
         (out / "transcripts").mkdir(parents=True, exist_ok=True)
         if metrics_path.exists():
-            lines = [line for line in metrics_path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            metrics_path.write_text("".join(line + "\n" for line in lines))
+            kept = []
+            for lineno, line in enumerate(metrics_path.read_text(encoding="utf-8").split("\n"), 1):   # JSON Lines end at \n only
+                try:
+                    if line and json.loads(line)["step"] <= step:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError):
+                    print(f"warning: {metrics_path} line {lineno} is torn or not a metrics row; dropped", file=sys.stderr)
+            metrics_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     return metrics_path
 
 
+_RUN_LOCKS = {}
+
+
+def lock_run_folder(out):
+    """Hold OUT/.lock for as long as this process lives, so that a second run on the same folder stops at
+    once instead of interleaving its metrics and overwriting checkpoints. The operating system releases
+    it however the process ends. (A second main() in the same process, as in tests, takes it over.)"""
+    import fcntl
+
+    path = Path(out).resolve() / ".lock"
+    if path in _RUN_LOCKS:
+        _RUN_LOCKS.pop(path).close()
+    f = open(path, "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "unknown"
+        f.close()
+        sys.exit(f"{out} is in use by another run (process {holder}); wait for it to end or choose another --out")
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    _RUN_LOCKS[path] = f
+
+
 def write_step(out, metrics_path, row, transcripts):
-    with open(metrics_path, "a") as f:
+    with open(metrics_path, "a", encoding="utf-8") as f:
         f.write(json.dumps(row) + "\n")
-    with open(out / "transcripts" / f"step_{row['step']:06d}.jsonl", "w") as f:
+    with open(out / "transcripts" / f"step_{row['step']:06d}.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(t, ensure_ascii=False) + "\n" for t in transcripts)
 
 
@@ -1016,13 +1268,17 @@ def step_metrics(dialogues, kept, samples, sim, cfg):
 
 
 def explained_variance(samples):
-    """1 - Var(R - V) / Var(R) over the generated tokens of all ranks: how much of the return the critic predicts."""
+    """1 - Var(R - V) / Var(R) over the generated tokens of all ranks: how much of the return the critic predicts.
+    Two passes (means first, then squared deviations), in float64: E[x^2] - E[x]^2 cancels catastrophically
+    when the returns are nearly constant. NaN when the returns do not vary at all."""
     mask = torch.cat([s.loss_mask for s in samples] or [torch.zeros(0)]).bool()
     returns = torch.cat([s.returns for s in samples] or [torch.zeros(0)])[mask].double()
     error = returns - torch.cat([s.values_old for s in samples] or [torch.zeros(0)])[mask].double()
-    n, r1, r2, e1, e2 = all_sum(len(returns), returns.sum(), (returns ** 2).sum(), error.sum(), (error ** 2).sum()).tolist()
-    var_returns, var_error = r2 / n - (r1 / n) ** 2, e2 / n - (e1 / n) ** 2
-    return 1 - var_error / var_returns if var_returns > 0 else float("nan")
+    n, r1, e1 = all_sum(len(returns), returns.sum(), error.sum()).tolist()
+    if n == 0:
+        return float("nan")
+    r2, e2 = all_sum(((returns - r1 / n) ** 2).sum(), ((error - e1 / n) ** 2).sum()).tolist()
+    return 1 - e2 / r2 if r2 > 0 else float("nan")
 
 
 def forward_flops(model, lengths):
@@ -1060,7 +1316,7 @@ def step_line(row, steps):
 
 def reward_chart(metrics_path, height=8, width=60):
     """The run's reward per step as a small text chart (steps binned to `width` columns)."""
-    rewards = [json.loads(line)["reward_mean"] for line in Path(metrics_path).read_text().splitlines() if line]
+    rewards = [json.loads(line)["reward_mean"] for line in Path(metrics_path).read_text(encoding="utf-8").split("\n") if line]
     columns = [float(np.mean(part)) for part in np.array_split(rewards, min(width, len(rewards)))]
     low, high = min(columns), max(columns)
     span = (high - low) or 1.0

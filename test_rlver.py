@@ -184,6 +184,52 @@ def test_grpo_advantages():
         assert abs(float(a[groups == g].mean())) < 1e-5 and abs(float(a[groups == g].std()) - 1) < 1e-3
 
 
+@pytest.mark.parametrize("value", [0.99, 0.3, 1 / 3, 0.0, 1.0])
+def test_grpo_groups_of_equal_rewards_get_exactly_zero(value):
+    """A tie carries no signal, whatever the group size: rounding of (s - mean) must not become an advantage."""
+    for n in range(2, 17):
+        for norm in (True, False):
+            a = R.grpo_advantages(torch.full((n,), value), torch.zeros(n, dtype=torch.long), norm_by_std=norm)
+            assert (a == 0).all(), (n, norm, a)
+    a = R.grpo_advantages(t([.99] * 8 + [1, 0]), torch.tensor([0] * 8 + [1, 1]))   # next to a live group
+    assert (a[:8] == 0).all() and torch.allclose(a[8:], t([.70710, -.70710]), atol=1e-4)
+
+
+def test_explained_variance_with_nearly_constant_returns():
+    """1 - Var(R - V) / Var(R) by two passes: E[x^2] - E[x]^2 gave -2.8e7 on a real run with returns near-constant."""
+    rng = np.random.default_rng(0)
+    returns = 0.9 + 1e-4 * rng.standard_normal(64)
+    values = returns + 3e-5 * rng.standard_normal(64)
+    samples = [sample(list(range(8)), [0] * 4 + [1] * 4) for _ in range(16)]
+    for i, s in enumerate(samples):
+        s.returns = torch.zeros(8, dtype=torch.float64)
+        s.values_old = torch.zeros(8, dtype=torch.float64)
+        s.returns[4:], s.values_old[4:] = torch.as_tensor(returns[4 * i:4 * i + 4]), torch.as_tensor(values[4 * i:4 * i + 4])
+    expected = 1 - np.var(returns - values) / np.var(returns)                # about 0.9
+    assert abs(R.explained_variance(samples) - expected) < 1e-9
+    for s in samples:
+        s.returns[4:] = 0.7
+    assert math.isnan(R.explained_variance(samples))                        # no variance to explain
+
+
+def test_truncated_importance_weights():
+    """w = min(exp(logp_old - logp_engine), C), without gradient; the weighted loss is w times the surrogate."""
+    logp_old, logp_engine = t([-1.0, -1.0, -2.0]), t([-1.5, -3.0, -1.0])
+    w = R.tis_weights(logp_old.requires_grad_(), logp_engine, 2.0)
+    assert torch.allclose(w, t([math.exp(0.5), 2.0, math.exp(-1.0)])) and not w.requires_grad
+    cfg = rollout_config(tis_cap=2.0, entropy_coef=0.0)
+    batch = {"loss_mask": t([[1, 1, 1]]), "advantages": t([[1.0, -1.0, 0.5]]), "logp_old": t([[-1.0, -1.0, -2.0]]),
+             "engine_logp": t([[-1.5, -3.0, -1.0]])}
+    logp = t([[-1.0, -1.0, -2.0]])
+    agg = functools.partial(R.aggregate_loss, mode="token-mean")
+    token_mean = lambda x, m: float((x * m).sum() / m.sum())   # noqa: E731
+    loss, stats = R.policy_loss(logp, torch.zeros(1, 3), batch, agg, token_mean, cfg)
+    assert abs(float(loss) - (-math.exp(0.5) + 2.0 - 0.5 * math.exp(-1.0)) / 3) < 1e-6   # rho = 1: L = -A w
+    assert abs(stats["tis_weight"] - (math.exp(0.5) + 2 + math.exp(-1)) / 3) < 1e-6 and abs(stats["tis_capped"] - 1 / 3) < 1e-6
+    loss_off, stats_off = R.policy_loss(logp, torch.zeros(1, 3), batch, agg, token_mean, rollout_config(entropy_coef=0.0))
+    assert abs(float(loss_off) - (-1 + 1 - 0.5) / 3) < 1e-6 and "tis_weight" not in stats_off
+
+
 def test_clipped_surrogate_both_sides_and_dual_clip():
     ratio = t([1.5, 0.5, 1.5, 0.5, 5.0])
     adv = t([1.0, 1.0, -1.0, -1.0, -1.0])
@@ -759,6 +805,206 @@ def test_a_simulator_answering_garbage_is_warned_about(tiny, tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
+# 4b. When things go wrong: bad flags, damaged checkpoints, non-finite updates, two runs on one folder
+
+SMALL_RUN = ["--algo", "grpo", "--mode", "direct", "--batch-size", 2, "--group-size", 2, "--max-turns", 2,
+             "--max-new-tokens", 6]
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--steps", "-1"], "--steps must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["--save-every", "0"], "--save-every must be at least 1"),
+    (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1"),
+    (["--temperature", "0"], "--temperature must be above 0"),
+    (["--lr=-1e-6"], "--lr must be 0 or more"),
+    (["--max-context-tokens", "100", "--max-new-tokens", "200"], "--max-context-tokens must be more than"),
+    (["--max-dropped-share", "1.5"], "--max-dropped-share must be in [0, 1]"),
+    (["--tis-cap", "0.5"], "--tis-cap must be at least 1"),
+    (["--simulator", "llm", "--sim-model", "m", "--sim-url", "localhost:8000/v1"], "--sim-url 'localhost:8000/v1' is not"),
+    (["--simulator", "llm", "--sim-model", "m", "--sim-url", "http://h:70000/v1"], "--sim-url 'http://h:70000/v1'"),
+    (["--simulator", "llm", "--sim-url", "http://h:8000/v1"], "--simulator llm needs --sim-url"),
+    (["--sim-timeout", "0"], "--sim-timeout must be above 0"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such file or folder"),
+    (["--model", "/no/such/model.gguf"], "--model /no/such/model.gguf: no such file"),
+    (["--scenarios", "/no/such/file.json"], "--scenarios /no/such/file.json: no such file"),
+])
+def test_bad_flags_are_refused_before_any_model_loads(tmp_path, monkeypatch, capsys, flags, says):
+    monkeypatch.setattr(engines, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        R.main(["--model", "tiny", "--out", str(tmp_path / "run"), *flags])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_written_is_refused_at_once(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(engines, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file" / "run", Path("/proc/rlver-run")):   # under a file; a read-only file system
+        with pytest.raises(SystemExit):
+            R.main(["--out", str(out)])
+        assert f"--out {out}: cannot write there" in capsys.readouterr().err
+
+
+def test_a_non_finite_update_is_skipped(policy):
+    """A NaN advantage makes the loss NaN: the optimizer step is skipped (weights untouched) and counted."""
+    model, tokenizer = policy
+    samples = [sample([1, 2, 3, 4, 5], [0, 0, 1, 1, 1], dialogue=f"d{i}", group=0) for i in range(2)]
+    for s, a in zip(samples, (float("nan"), 1.0)):
+        s.advantages, s.returns = torch.full((5,), a), torch.zeros(5)
+    p = engines.Policy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(p.parameters(), lr=1e-2)
+    stats = R.update_policy(samples, p, None, optimizer, None, rollout_config(mini_batches=1), "cpu", torch.Generator())
+    assert stats["skipped_updates"] == 1 and stats["optimizer_steps"] == 1 and not math.isfinite(stats["policy_loss"])
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(q.grad is None for q in p.parameters())                       # nothing carried to the next step
+
+
+def test_non_finite_updates_stop_the_run_before_a_checkpoint_can_hold_them(tiny, tmp_path, monkeypatch):
+    original = R.compute_advantages
+
+    def poisoned(samples, cfg):
+        original(samples, cfg)
+        for s in samples:
+            s.advantages = s.advantages * float("nan")
+    monkeypatch.setattr(R, "compute_advantages", poisoned)
+    with pytest.raises(SystemExit) as stop:
+        train(tiny, tmp_path / "run", *SMALL_RUN, "--steps", 6, "--save-every", 1)
+    assert "non-finite" in str(stop.value) and f"last {R.MAX_NONFINITE_STEPS} steps" in str(stop.value)
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().split("\n") if x]
+    assert [r["skipped_updates"] for r in rows] == [1] * R.MAX_NONFINITE_STEPS
+    from safetensors.torch import load_file
+    start = load_file(Path(tiny) / "model.safetensors")
+    saved = load_file(R.latest_checkpoint(tmp_path / "run") / "policy" / "model.safetensors")
+    assert all(torch.equal(start[k], v) for k, v in saved.items())           # nothing non-finite was applied
+
+
+def test_non_finite_weights_are_never_saved(policy, tmp_path):
+    model, tokenizer = policy
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("inf")
+    p, cfg = engines.Policy(model), rollout_config(keep_checkpoints=2)
+    optimizers = {"policy": torch.optim.AdamW(p.parameters())}
+    with pytest.raises(SystemExit) as stop:
+        R.save_checkpoint(tmp_path, 1, cfg, p, None, tokenizer, optimizers, R.ScenarioSampler(4, 0), torch.Generator(), 0)
+    assert "non-finite weights" in str(stop.value) and not list((tmp_path).glob("checkpoints/step_*"))
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory, tiny):
+    out = tmp_path_factory.mktemp("two") / "run"
+    train(tiny, out, *SMALL_RUN, "--steps", 2, "--save-every", 1)
+    return out
+
+
+def damage(ckpt, how):
+    if how == "truncated weights":
+        f = ckpt / "policy" / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:f.stat().st_size // 2])
+    elif how == "empty trainer state":
+        (ckpt / "trainer_state_rank0.pt").write_bytes(b"")
+    elif how == "truncated trainer state":
+        f = ckpt / "trainer_state_rank0.pt"
+        f.write_bytes(f.read_bytes()[:-100])
+    elif how == "missing trainer state":
+        (ckpt / "trainer_state_rank0.pt").unlink()
+    elif how == "empty config":
+        (ckpt / "config.json").write_text("")
+    elif how == "empty model config":
+        (ckpt / "policy" / "config.json").write_text("")
+
+
+@pytest.mark.parametrize("how,says", [
+    ("truncated weights", "policy/model.safetensors is truncated"),
+    ("empty trainer state", "trainer_state_rank0.pt is empty"),
+    ("truncated trainer state", "trainer_state_rank0.pt is truncated or damaged"),
+    ("missing trainer state", "trainer_state_rank0.pt is missing"),
+    ("empty config", "config.json is missing or unreadable"),
+    ("empty model config", "policy/config.json is empty or not JSON"),
+])
+def test_a_damaged_checkpoint_is_named_and_the_one_before_it_taken(two_checkpoints, tmp_path, capsys, how, says):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    damage(out / "checkpoints" / "step_000002", how)
+    assert R.find_checkpoint(out, 1).name == "step_000001"
+    err = capsys.readouterr().err
+    assert "step_000002 is unusable" in err and says in err, err
+
+
+def test_resume_falls_back_past_a_damaged_checkpoint_and_a_torn_metrics_line(two_checkpoints, tmp_path, capsys):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    damage(out / "checkpoints" / "step_000002", "truncated weights")
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "reward_me')                                  # killed mid-write
+    R.main(["--resume", str(out), "--steps", "3"])
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().split("\n") if x]
+    assert [r["step"] for r in rows] == [1, 2, 3]                           # step 2 again, from step 1's state
+    err = capsys.readouterr().err
+    assert "step_000002 is unusable" in err and "line 3 is torn" in err
+
+
+def test_a_checkpoint_of_another_world_size_is_an_error_not_a_fallback(two_checkpoints, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    for ckpt in R.checkpoints(out):
+        shutil.copy(ckpt / "trainer_state_rank0.pt", ckpt / "trainer_state_rank1.pt")
+    with pytest.raises(SystemExit) as stop:
+        R.main(["--resume", str(out), "--steps", "3"])
+    assert "written by 2 processes and this run has 1" in str(stop.value) and "--nproc_per_node 2" in str(stop.value)
+
+
+def test_checkpoints_reach_the_disk_before_they_become_final(two_checkpoints, tmp_path, monkeypatch):
+    import shutil
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    flushed, fsync_tree = [], R.fsync_tree
+    monkeypatch.setattr(R, "fsync_tree", lambda path, **kw: (flushed.append((Path(path).name, (out / "checkpoints" / "step_000003").exists())), fsync_tree(path, **kw)))
+    R.main(["--resume", str(out), "--steps", "3", "--keep-checkpoints", "1"])
+    assert flushed[0] == ("step_000003.tmp", False) and ("checkpoints", True) in flushed
+    assert [p.name for p in R.checkpoints(out)] == ["step_000003"]          # --keep-checkpoints 1
+
+
+def test_a_second_run_on_the_same_folder_stops_at_once(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write(str(os.getpid())); f.flush(); print('locked', flush=True); time.sleep(60)"), str(out / ".lock")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(engines, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+        with pytest.raises(SystemExit) as stop:
+            R.main(["--out", str(out), "--model", "tiny"])
+        assert f"in use by another run (process {holder.pid})" in str(stop.value)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_json_lines_end_only_at_newline(tmp_path):
+    """Official files hold any Unicode: U+2028, U+0085 and \\r inside a JSON string are text, not line ends."""
+    import eval as V
+    odd = "before\u2028after\u2029 next\x85 and\x1c\x1d\x1e\x0b\x0c done"
+    rows = [{"id": f"x{i}", "emo_point": 50, "emo_state": "Emotion-B", "history": [{"role": "user", "content": odd}]}
+            for i in range(3)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert [r["history"][0]["content"] for r in V.read_transcripts(path)] == [odd] * 3
+    profile = {"id": "p1", "player": f"Name: Li\n{odd}", "scene": odd, "main_cha": "negative", "cha_group": ["a"],
+               "task": odd}
+    (tmp_path / "p.jsonl").write_text(json.dumps(profile, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert S.load_scenarios(tmp_path / "p.jsonl")[0].scene == odd
+
+
+# -----------------------------------------------------------------------------
 # 5. Several processes (rlver.py under torchrun, FSDP2 on gloo) give what one process gives
 
 
@@ -890,12 +1136,37 @@ def test_chunked_logprobs_stay_fp32_under_bf16_autocast(policy):
     assert h16.grad.dtype == w16.grad.dtype == torch.bfloat16
 
 
+def nucleus_logprobs(model, prompt, ids, temperature, top_p):
+    """Hand computation of the sampling distribution's log-probs of `ids` after `prompt`: log p over the
+    smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].double() / temperature
+    logp = torch.log_softmax(logits, -1)
+    out = []
+    for row, token in zip(logp, ids):
+        ordered = row.sort(descending=True).values
+        kept = ordered[(ordered.exp().cumsum(0) - ordered.exp()) < top_p]
+        out.append(float(row[token] - torch.logsumexp(kept, 0)))
+    return t(out)
+
+
+def test_engine_logprobs_are_the_sampling_distributions(policy):
+    """The engine's log-probs are those of the distribution it sampled from: the trainer's at top-p 1, and
+    renormalised over the top-p set below it (as vLLM's processed log-probs)."""
+    model, tokenizer = policy
+    prompts = [tokenizer.encode(x, add_special_tokens=False) for x in ("hello there my friend", "what happened")]
+    gens = engines.HFEngine(model, tokenizer, temperature=0.7, top_p=0.5).generate(prompts, 10, seeds=[1, 2])
+    for p, g in zip(prompts, gens):
+        assert torch.allclose(t(g.logprobs), nucleus_logprobs(model, p, g.ids, 0.7, 0.5), atol=1e-4)
+        assert max(g.logprobs) > -math.log(2048) + 1   # above the uniform: the top-p set is small here
+
+
 def test_engine_logprobs_equal_the_trainers(policy):
-    """The sampler's log-probs are the trainer's (temperature applied, before top-p), even when the
+    """At top-p 1 the sampler's log-probs are the trainer's (temperature applied), even when the
     model's own generation defaults would add a repetition penalty."""
     model, tokenizer = policy
     model.generation_config.repetition_penalty = 3.0
-    engine = engines.HFEngine(model, tokenizer, temperature=0.7, top_p=0.9)
+    engine = engines.HFEngine(model, tokenizer, temperature=0.7, top_p=1.0)
     prompts = [tokenizer.encode(x, add_special_tokens=False) for x in ("hello there my friend", "a b", "what happened")]
     gens = engine.generate(prompts, 12, seeds=[1, 2, 3])
     b = R.collate([sample(p + g.ids, [0] * len(p) + [1] * len(g.ids)) for p, g in zip(prompts, gens)], range(3), "cpu")
@@ -994,9 +1265,10 @@ def test_the_sampler_draws_from_softmax_with_temperature_and_top_p():
     freq = torch.bincount(chosen, minlength=4).float() / len(chosen)
     assert torch.allclose(freq, probs, atol=0.015), freq
     assert torch.allclose(logp, probs.log()[chosen], atol=1e-5)            # the log-prob of softmax(z / T)
-    chosen, _ = engines.sample_tokens(scores, 0.5, 0.7, noise())           # top-p .7: tokens 0 and 1
+    chosen, logp = engines.sample_tokens(scores, 0.5, 0.7, noise())        # top-p .7: tokens 0 and 1
     freq = torch.bincount(chosen, minlength=4).float() / len(chosen)
     assert freq[2:].sum() == 0 and abs(float(freq[0] / freq[1]) - 5 / 3) < 0.1
+    assert torch.allclose(logp, (probs / 0.8).log()[chosen], atol=1e-5)    # renormalised over {0, 1}: mass .8
     chosen, logp = engines.sample_tokens(scores[:5], 0.5, 0.7, None)
     assert (chosen == 0).all() and torch.allclose(logp, torch.log_softmax(scores[:5], -1)[:, 0])   # at T = 1
 
@@ -1041,6 +1313,9 @@ def test_vllm_engine_matches_hf_before_and_after_a_weight_push(tiny):
     for i, (p, g) in enumerate(zip(prompts, sampled)):
         assert torch.allclose(t(g.logprobs), logp[i, len(p):len(p) + len(g.ids)], atol=1e-3)
     assert vllm.generate(prompts[2:], 12, seeds=[3])[0].ids == sampled[2].ids   # seeded: the same alone
+    vllm.top_p = 0.5                                           # below 1: the HF engine's quantity, renormalised
+    for p, g in zip(prompts, vllm.generate(prompts, 10, seeds=[4, 5, 6])):
+        assert torch.allclose(t(g.logprobs), nucleus_logprobs(lm, p, g.ids, 0.7, 0.5), atol=1e-3)
     vllm.close()
 
 

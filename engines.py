@@ -11,6 +11,10 @@ Models: the tiny random chat model built offline, GGUF files converted once, the
 body with a scalar head), and the trainer's forward: token log-probs and entropies through the output
 layer in chunks (ChunkedLogprobs), so a micro-batch's full-vocabulary logits never exist.
 
+Chat templates: the policy's context is built token by token (encode_chat for the opening, the sampled
+reply, end_of_turn_id, user_turn_ids for each later message). The template's markup keeps its control
+tokens; message text is always plain text, so a message that writes "<|im_end|>" cannot end a turn.
+
 Engines: one interface, two implementations. Any thread may `submit` a prompt and wait on the returned
 future; one thread, the one that owns the model, calls `serve` and generates for whatever has been
 submitted until the work it serves is done. So a dialogue that is ready to generate never waits for
@@ -26,11 +30,14 @@ else shares its batch or when it arrived (up to floating-point differences betwe
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
+import json
 import math
 import os
 import queue
+import re
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -38,6 +45,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from jinja2.exceptions import TemplateError
 from transformers import GenerationConfig
 
 import simulator as S
@@ -58,6 +66,18 @@ def resolve_model(name):
     if str(name).endswith(".gguf"):
         return _from_gguf(Path(name), cache)
     return name
+
+
+def model_problem(name):
+    """Why --model cannot name a model: a path that does not exist, or a folder without a model in it."""
+    path = Path(name).expanduser()
+    if name == "tiny" or (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and name.endswith(".gguf")):
+        return None
+    if path.exists():
+        return f"--model {name}: {'a folder without config.json' if path.is_dir() else 'not a model folder or .gguf file'}"
+    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) and not name.endswith(".gguf"):
+        return None   # a Hugging Face id (owner/name)
+    return f"--model {name}: no such file or folder (nor a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct)"
 
 
 def load_policy(name, device):
@@ -156,6 +176,177 @@ def autocast(device):
 
 
 # -----------------------------------------------------------------------------
+# Chat templates: the policy's context token by token, message text as plain text
+
+_PAD = "\t \t"   # around each placeholder content: a template that trims contents drops it
+
+
+class _LeftOut(ValueError):
+    """The chat template does not write a message at all."""
+
+
+def encode_chat(tokenizer, messages, add_generation_prompt=True):
+    """Token ids of `messages` rendered by the tokenizer's chat template: the template's markup encoded as
+    usual (its control tokens stay control tokens), each message's content as plain text (a message that
+    writes "<|im_end|>" gets those characters, never the token). For ordinary contents these are exactly
+    the ids of tokenizer.encode(apply_chat_template(messages, tokenize=False), add_special_tokens=False).
+
+    The template is rendered with a placeholder for each content and the contents go where the placeholders
+    are, so it must copy each content verbatim, once (ValueError otherwise). Contents go in as written:
+    where a template rewrites a content depending on what it says (Qwen3 drops the <think> part of earlier
+    assistant turns), the content is kept whole. A template that trims contents gets trimmed contents.
+    A template without a system role (one that raises on it or leaves it out) gets the system text folded
+    into the first user message, system + "\n\n" + user, as Gemma's own template does."""
+    try:
+        markup, slots = _split_template(tokenizer, messages, add_generation_prompt)
+    except (TemplateError, _LeftOut):
+        if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+            raise
+        first = {**messages[1], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+        messages = [first, *messages[2:]]
+        markup, slots = _split_template(tokenizer, messages, add_generation_prompt)
+    text, spans = markup[0], []
+    for (k, strip_left, strip_right), after in zip(slots, markup[1:]):
+        content = _trim(messages[k]["content"], strip_left, strip_right)
+        spans.append((len(text), len(text) + len(content)))
+        text += content + after
+    return _encode(tokenizer, text, spans)
+
+
+@functools.lru_cache(maxsize=8)
+def end_of_turn_id(tokenizer):
+    """The token the chat template ends an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>,
+    <|end|>, </s>), which need not be the tokenizer's eos: the token right after the assistant's content
+    in a rendered user/assistant exchange. The engines stop on it, and the trainer closes with it a turn
+    whose reply it did not sample. It must be one of the tokenizer's special or added tokens (ValueError
+    otherwise): a reply is ended by one token id, and plain text can also occur inside a reply."""
+    markup, slots = _split_template(tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
+                                    add_generation_prompt=False)
+    after = markup[[k for k, _, _ in slots].index(1) + 1]
+    found = [(len(t.content), i) for i, t in tokenizer.added_tokens_decoder.items() if after.startswith(t.content)]
+    if not found:
+        raise ValueError(
+            f"The chat template ends an assistant turn with {after[:40]!r}, which does not start with a special "
+            "or added token of the tokenizer. The engines stop a reply on a token id, and the trainer appends "
+            "that id to close a turn, so the turn must end with a control token (like <|im_end|> or <|eot_id|>) "
+            "right after the reply. Use a chat template that ends assistant turns that way: set chat_template "
+            "in the model folder's tokenizer_config.json (or chat_template.jinja).")
+    return max(found)[1]
+
+
+def user_turn_ids(tokenizer, message):
+    """Token ids that follow an assistant turn's end-of-turn token: the user's message (plain text) and the
+    opening of the next assistant turn, including the whitespace the template writes after the end of a
+    turn (ChatML's "\n"). Only the new message is templated: the earlier tokens stay exactly as sampled.
+    The turn is cut from a user/assistant/user rendering, that is as the template writes a turn that is
+    not the last: the earlier assistant turn of Qwen3-style templates has no empty think block there,
+    unlike a last one."""
+    eot = tokenizer.added_tokens_decoder[end_of_turn_id(tokenizer)].content
+    before, after, strip_left, strip_right = _user_turn_template(tokenizer)
+    message = _trim(message, strip_left, strip_right)
+    prefix = eot + before   # encoded right after the end-of-turn token, as in the context; then dropped
+    return _encode(tokenizer, prefix + message + after, [(len(prefix), len(prefix) + len(message))])[1:]
+
+
+def encode_text(tokenizer, text):
+    """Token ids of plain text (e.g. a reply's visible part, re-encoded): what looks like a control token
+    is encoded as the characters it is made of."""
+    return _plain(tokenizer).encode(text, add_special_tokens=False).ids
+
+
+@functools.lru_cache(maxsize=8)
+def _user_turn_template(tokenizer):
+    """(before, after, strip_left, strip_right): the text between an assistant turn's end-of-turn token and
+    a later user message, the text from that message to the next assistant reply, and how the template
+    trims the message."""
+    eot = tokenizer.added_tokens_decoder[end_of_turn_id(tokenizer)].content
+    turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": ""}]
+    markup, slots = _split_template(tokenizer, turns, add_generation_prompt=True)
+    if [k for k, _, _ in slots] != [0, 1, 2] or not markup[2].startswith(eot):
+        raise ValueError(f"The chat template does not end an earlier assistant turn with {eot!r} (it writes "
+                         f"{markup[2][:40]!r} after it), though it ends the last one with it: the context, built "
+                         "turn by turn, could not match the template. Use a chat template that ends every "
+                         "assistant turn the same way (set chat_template in the model folder's tokenizer_config.json).")
+    return markup[2][len(eot):], markup[3], *slots[2][1:]
+
+
+def _split_template(tokenizer, messages, add_generation_prompt):
+    """Render `messages` with a placeholder for each content -> (markup, slots): the template's text cut at
+    the contents, in the order they appear (markup[i] before the i-th content, markup[-1] after the last),
+    and for each content (message index, trimmed on the left, trimmed on the right)."""
+    tags = [f"\x00Msg{k}: Aa Zz \"'<&>\n\x00" for k in range(len(messages))]   # case, quotes, markup: rewrites show
+    probe = [{**m, "content": _PAD + tag + _PAD} for m, tag in zip(messages, tags)]
+    text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=add_generation_prompt)
+    for k, tag in enumerate(tags):
+        if text.count(tag) != 1:
+            raise (_LeftOut if tag not in text else ValueError)(
+                f"The chat template does not copy the content of message {k} ({messages[k]['role']}) verbatim, once "
+                f"(it appears {text.count(tag)} times, as written): the template rewrites message text, so the "
+                "policy's context cannot be built from the messages turn by turn. Use a template that writes each "
+                "message's content as is: set chat_template in the model folder's tokenizer_config.json (or "
+                "chat_template.jinja).")
+    order = sorted(range(len(tags)), key=lambda k: text.index(tags[k]))
+    markup, slots, start = [], [], 0
+    for k in order:
+        i = text.index(tags[k])
+        strip_left = not text[start:i].endswith(_PAD)
+        strip_right = not text[i + len(tags[k]):].startswith(_PAD)
+        markup.append(text[start:i if strip_left else i - len(_PAD)])
+        slots.append((k, strip_left, strip_right))
+        start = i + len(tags[k]) + (0 if strip_right else len(_PAD))
+    return markup + [text[start:]], slots
+
+
+def _trim(content, strip_left, strip_right):
+    content = content.lstrip() if strip_left else content
+    return content.rstrip() if strip_right else content
+
+
+def _encode(tokenizer, text, spans):
+    """Ids of `text` whose character `spans` (message contents) are plain text: the tokenizer's own encoding,
+    except that a stretch between two of the template's control tokens in which a content turned into a
+    control token is encoded again, as plain text."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=False)
+    added = tokenizer.added_tokens_decoder
+    ids, stretch, start = [], [], 0
+
+    def flush(end):
+        ids.extend(encode_text(tokenizer, text[start:end]) if any(i in added for i in stretch) else stretch)
+
+    for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        if i in added and not any(s < b and a < e for s, e in spans):   # the template's own control token
+            flush(a)
+            ids.append(i)
+            stretch, start = [], b
+        else:
+            stretch.append(i)
+    flush(len(text))
+    return ids
+
+
+@functools.lru_cache(maxsize=8)
+def _plain(tokenizer):
+    """The tokenizer's backend, copied, reading every added token's text as plain text. A copy set once, not
+    transformers' split_special_tokens=True: that flips a flag on the shared backend at each call, so a
+    dialogue thread encoding at the same time could get its control tokens split, or a message's kept.
+    Its text is taken to follow other tokens, as in a context: a sentencepiece-style pre-tokenizer that
+    puts a prefix space on the first word of an input only (Metaspace, prepend_scheme "first") puts none."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tokenizer.backend_tokenizer.to_str())
+    for token in data["added_tokens"]:
+        token["special"] = True     # encode_special_tokens splits special tokens only
+    pre = data.get("pre_tokenizer") or {}
+    for step in pre.get("pretokenizers", [pre]):
+        if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first":
+            step["prepend_scheme"] = "never"
+    data["truncation"] = data["padding"] = None
+    plain = Tokenizer.from_str(json.dumps(data))
+    plain.encode_special_tokens = True
+    return plain
+
+
+# -----------------------------------------------------------------------------
 # The trainer's forward: log-probs and entropies, chunk by chunk
 
 
@@ -246,7 +437,7 @@ class Policy(torch.nn.Module):
 @dataclasses.dataclass
 class Generation:
     ids: list          # sampled token ids, up to and including the end-of-turn token
-    logprobs: list     # the sampler's log-prob of each of them (temperature applied, before top-p)
+    logprobs: list     # their log-probs under the sampling distribution (temperature and top-p applied)
     finished: bool     # False when cut by max_new_tokens
 
 
@@ -336,25 +527,27 @@ class Engine:
 
 
 def stop_ids(generation_config, tokenizer):
-    """The end-of-turn tokens: the tokenizer's eos and the model's generation eos ids."""
+    """The tokens that end a reply: the chat template's end-of-turn token (which need not be the eos, as
+    Llama-3's <|eot_id|>), the tokenizer's eos and the model's generation eos ids."""
     stops = generation_config.eos_token_id
-    return sorted({tokenizer.eos_token_id, *(stops if isinstance(stops, list) else [stops] if stops is not None else [])})
+    stops = stops if isinstance(stops, list) else [stops]
+    turn = [end_of_turn_id(tokenizer)] if tokenizer.chat_template else []   # no template: no turns to end
+    return sorted({tokenizer.eos_token_id, *stops, *turn} - {None})
 
 
 def sample_tokens(scores, temperature, top_p, noise):
     """One token per row by Gumbel-max: argmax(log p + g) with g ~ Gumbel(0, 1) is a sample from p (and far
     cheaper on CPU than torch.multinomial). p = softmax(z / T), restricted by top-p to the most likely
     tokens whose probabilities reach top_p (at least one). noise: Exp(1) draws [B, V] (g = -log noise), or
-    None for greedy, where T is taken as 1. Returns the tokens [B] and their log p [B] (before top-p)."""
+    None for greedy, where T is taken as 1. Returns the tokens [B] and their log-probs [B] under the
+    distribution they were drawn from: log p renormalised over the top-p set, log p - log sum_{top-p} p
+    (vLLM's "processed" log-probs), which is the trainer's log p when top_p = 1."""
     logp = torch.log_softmax(scores.float() / (temperature if noise is not None else 1.0), dim=-1)   # [B, V]
-    candidates = logp
     if top_p < 1 and noise is not None:
         ordered, order = logp.sort(dim=-1, descending=True)
         beyond = ordered.exp().cumsum(-1) - ordered.exp() >= top_p
-        candidates = logp.scatter(-1, order, ordered.masked_fill(beyond, -math.inf))
-    if noise is not None:
-        candidates = candidates - noise.log()
-    choice = candidates.argmax(-1)                                              # [B]
+        logp = torch.log_softmax(logp.scatter(-1, order, ordered.masked_fill(beyond, -math.inf)), dim=-1)
+    choice = (logp - noise.log() if noise is not None else logp).argmax(-1)   # [B]
     return choice, logp.gather(-1, choice[:, None]).squeeze(-1)
 
 
@@ -492,7 +685,8 @@ class VLLMEngine(Engine):
         self.llm = LLM(model=path, dtype="bfloat16" if gpu else "float32", seed=seed, max_model_len=max_model_len,
                        gpu_memory_utilization=gpu_memory, enable_sleep_mode=sleep_mode, enforce_eager=not gpu,
                        distributed_executor_backend="external_launcher" if distributed else None,
-                       enable_prefix_caching=True, logprobs_mode="processed_logprobs", **cpu)
+                       enable_prefix_caching=True, **cpu,
+                       logprobs_mode="processed_logprobs")   # of the sampling distribution, as the HF engine's
         self.tokenizer, self.sleeps = tokenizer, sleep_mode
         try:
             defaults = GenerationConfig.from_pretrained(path)

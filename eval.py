@@ -101,6 +101,7 @@ def summarize(transcripts):
     scored = [j for j in judged if not j.get("failed")]
     counted = [t for t in transcripts if "parse_failures" in t and "turns" in t]   # our transcripts record them
     unparsed = sum(t["parse_failures"] for t in counted) / max(sum(t["turns"] for t in counted), 1) if counted else None
+    unreadable = sum(t.get("end_reason") == "unreadable" for t in transcripts)   # ended: the user's message unreadable
     low, high = bootstrap_ci(emotions)
     out = {
         "n": len(transcripts),
@@ -112,7 +113,8 @@ def summarize(transcripts):
         "reply_chars_mean": float(np.mean([len(h["content"]) for h in replies])) if replies else 0.0,
         "format_violation_rate": sum(h["format_violation"] for h in think) / len(think) if think else None,
         "parse_failure_rate": unparsed,
-        "meaningful": unparsed is None or unparsed < UNPARSED_LIMIT,
+        "unreadable_dialogues": unreadable,
+        "meaningful": (unparsed is None or unparsed < UNPARSED_LIMIT) and unreadable < UNPARSED_LIMIT * len(transcripts),
         "emotion_by_turn": np.mean([emotion_by_turn(t) for t in transcripts], axis=0).round(2).tolist(),
         "capabilities": {c: float(np.mean([j[c] for j in scored])) for c in CAPABILITIES} if scored else None,
         "judge_failures": len(judged) - len(scored),
@@ -128,15 +130,17 @@ def summarize(transcripts):
 
 def print_summary(name, s):
     if not s.get("meaningful", True):
-        print(f"\n{name}: Sentient not meaningful: {s['parse_failure_rate']:.0%} of the simulator's analyses were "
-              f"unparsable and counted as no change (the mean final emotion would read {s['sentient_score']:.1f}); "
+        print(f"\n{name}: Sentient not meaningful: {s['parse_failure_rate'] or 0:.0%} of the simulator's analyses "
+              f"were unparsable and counted as no change, and {s.get('unreadable_dialogues', 0)} of {s['n']} dialogues "
+              f"ended on an unreadable user message (the mean final emotion would read {s['sentient_score']:.1f}); "
               "check that --sim-model follows the prompts")
         return
     print(f"\n{name}: Sentient {s['sentient_score']:.1f} (95% CI {s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}), "
           f"success {s['success']}, failure {s['failure']} of {s['n']}; {s['turns_mean']:.1f} replies of "
           f"{s['reply_chars_mean']:.0f} characters" + (f"; format violations {s['format_violation_rate']:.1%}"
                                                        if s["format_violation_rate"] is not None else "")
-          + (f"; unparsable analyses {s['parse_failure_rate']:.1%}" if s.get("parse_failure_rate") else ""))
+          + (f"; unparsable analyses {s['parse_failure_rate']:.1%}" if s.get("parse_failure_rate") else "")
+          + (f"; {s['unreadable_dialogues']} ended on an unreadable user message" if s.get("unreadable_dialogues") else ""))
     if s["capabilities"]:
         print("capabilities: " + ", ".join(f"{c} {v:.2f}" for c, v in s["capabilities"].items())
               + (f" ({s['judge_failures']} judge failures)" if s["judge_failures"] else ""))
@@ -163,11 +167,11 @@ class LocalAssistant:
                                           top_p=args.top_p, seed=args.seed, device=device,
                                           max_model_len=args.max_context_tokens, gpu_memory=args.vllm_gpu_memory)
         self.max_new_tokens, self.seed, self.request_seed = args.max_new_tokens, args.seed, engines.request_seed
+        self.encode_chat = engines.encode_chat   # message text as plain text: a user cannot write a control token
 
     def reply(self, messages, dialogue_id):
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         seed = self.request_seed(self.seed, dialogue_id, len(messages))   # the same reply whatever the timing
-        out = self.engine.submit(self.tokenizer.encode(text, add_special_tokens=False), self.max_new_tokens, seed)
+        out = self.engine.submit(self.encode_chat(self.tokenizer, messages), self.max_new_tokens, seed)
         return self.tokenizer.decode(out.result().ids, skip_special_tokens=True)
 
     def serve(self, dialogues):
@@ -235,9 +239,10 @@ def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
 # The five-capability judge
 
 
-def parse_judgement(text):
-    """The judge's five scores, whole numbers from 1 to 5, from its last JSON object with all five."""
-    found = S.last_json_object(text, CAPABILITIES)
+def parse_judgement(text, assistant_texts=()):
+    """The judge's five scores, whole numbers from 1 to 5, from its last JSON object with all five that is
+    not quoted from the assistant's replies (`assistant_texts`)."""
+    found = S.last_json_object(text, CAPABILITIES, exclude=assistant_texts)
     scores = {c: S.as_int(found[c], c) for c in CAPABILITIES}
     if bad := [c for c, v in scores.items() if not 1 <= v <= 5]:
         raise S.ParseError(f"'{bad[0]}' must be from 1 to 5, got {scores[bad[0]]}")
@@ -253,7 +258,7 @@ def judge(chat, transcript, retries=2):
     for _ in range(retries + 1):
         try:
             raw = chat(messages)
-            return parse_judgement(raw)
+            return parse_judgement(raw, [h["content"] for h in history if h["role"] == "assistant"])
         except S.ParseError as e:
             error = str(e)
             messages = messages[:1] + [{"role": "assistant", "content": raw}, {"role": "user", "content":
@@ -287,7 +292,7 @@ def compare(summaries, paper=False):
     for name, s in summaries.items():
         caps = [f"{s['capabilities'][c]:.2f}" if s.get("capabilities") else "" for c in CAPABILITIES]
         score = (f"{s['sentient_score']:.1f} ({s['ci95'][0]:.1f}-{s['ci95'][1]:.1f})" if s.get("meaningful", True)
-                 else f"not meaningful ({s['parse_failure_rate']:.0%} unparsed)")
+                 else f"not meaningful ({s['parse_failure_rate'] or 0:.0%} unparsed)")
         lines.append(f"| {name} | {s['n']} | {score} | "
                      f"{s['success']} | {s['failure']} | " + " | ".join(caps) + " |")
     if paper:

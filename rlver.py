@@ -46,7 +46,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -353,7 +352,9 @@ def play_dialogue(dialogue, user, engine, tokenizer, cfg):
     tokens and `engine_logp` keeps the sampler's log-probs of them. A user turn is appended by templating
     only the new message. Direct mode trains the whole dialogue as one sample. Think mode drops earlier
     thoughts from later turns, so each turn is its own sample (its context + the raw turn) and the
-    context keeps only the visible reply. A simulator call that fails for good drops the dialogue."""
+    context keeps only the visible reply. A simulator call that fails for good, or a user message that
+    stays unreadable, drops the dialogue: its reward would be wherever the emotion stood, which a policy
+    could learn to exploit by confusing the simulator."""
     d = dialogue
     ids, loss_mask, engine_logp = [], [], []
 
@@ -365,24 +366,28 @@ def play_dialogue(dialogue, user, engine, tokenizer, cfg):
     try:
         opening = user.open()
         system = S.load_prompt(f"policy_{cfg.mode}")
-        append(tokenizer.encode(tokenizer.apply_chat_template(
-            [{"role": "system", "content": system}, {"role": "user", "content": opening}],
-            tokenize=False, add_generation_prompt=True), add_special_tokens=False))
+        append(E.encode_chat(tokenizer, [{"role": "system", "content": system}, {"role": "user", "content": opening}]))
+        end_of_turn = E.end_of_turn_id(tokenizer)   # the template's own (<|im_end|>, <|eot_id|>, ...), not always eos
         for turn in range(cfg.max_turns):
             reply = engine.submit(ids, cfg.max_new_tokens, E.request_seed(cfg.seed, d.id, turn)).result()
             text = tokenizer.decode(reply.ids, skip_special_tokens=True)
             d.truncated_turns += not reply.finished
             if cfg.mode == "think":   # this turn is a sample; later turns see only its visible reply
                 d.samples.append((ids + reply.ids, [0] * len(ids) + [1] * len(reply.ids), [0.0] * len(ids) + reply.logprobs))
-                append(tokenizer.encode(S.split_think(text)[1], add_special_tokens=False) + [tokenizer.eos_token_id])
+                append(E.encode_text(tokenizer, S.split_think(text)[1]) + [end_of_turn])
             else:                     # the sampled tokens stay in the context exactly as sampled
                 append(reply.ids, reply.logprobs)
-                append([] if reply.finished else [tokenizer.eos_token_id])   # a cut turn still ends
+                # a turn cut by max_new_tokens, or ended by another stop token (e.g. <|endoftext|>), still ends as
+                # the template ends a turn: the next user turn follows what the template would have written
+                append([] if reply.finished and reply.ids[-1] == end_of_turn else [end_of_turn])
             answer = user.respond(text)
+            if answer.end_reason == "unreadable":   # the user's message could not be read: the simulator failed
+                raise S.SimulatorError(f"dialogue {d.id}: the simulator's message stayed unreadable after "
+                                       f"{user.parse_retries + 1} tries (no <reply>, draft or 'Reply:' line)")
             if answer.done:
                 d.end_reason = answer.end_reason
                 break
-            message = user_turn_ids(tokenizer, answer.user_message)
+            message = E.user_turn_ids(tokenizer, answer.user_message)
             if len(ids) + len(message) + cfg.max_new_tokens > cfg.max_context_tokens:
                 d.end_reason = "context_limit"
                 break
@@ -408,29 +413,6 @@ def rollout(engine, sim, tokenizer, scenarios, cfg, step):
     for life in lives:
         life.result()   # an error in a dialogue's thread (not the simulator's) surfaces here
     return {d.id: d for d in dialogues}
-
-
-def user_turn_ids(tokenizer, message):
-    """Token ids that follow an assistant turn's end-of-turn token: the user's message and the opening
-    of the next assistant turn. Only the new message is templated: the earlier tokens stay exactly as
-    sampled."""
-    before, after = _user_turn_template(tokenizer)
-    return tokenizer.encode(before + message + after, add_special_tokens=False)
-
-
-@functools.lru_cache(maxsize=8)
-def _user_turn_template(tokenizer):
-    """The text around a user message that follows an assistant turn's end-of-turn token, from the chat
-    template rendered with and without one more (placeholder) user message."""
-    placeholder = "\x00user message\x00"
-    turns = [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]
-    text = tokenizer.apply_chat_template(turns, tokenize=False)
-    full = tokenizer.apply_chat_template(turns + [{"role": "user", "content": placeholder}], tokenize=False,
-                                         add_generation_prompt=True)
-    assert full.startswith(text) and full.count(placeholder) == 1, "the chat template must append each message verbatim"
-    added = full[text.rindex(tokenizer.eos_token) + len(tokenizer.eos_token):]
-    before, _, after = added.partition(placeholder)
-    return before, after
 
 
 def dialogue_reward(user, cfg):
@@ -812,23 +794,11 @@ def config_problem(cfg):
             return f"--{name.replace('_', '-')} must be {what}, got {value}"
     if problem := S.sim_args_problem(cfg):
         return problem
-    if problem := model_problem(cfg.model) if not cfg.resume or cfg.kl_coef > 0 else None:
+    if problem := E.model_problem(cfg.model) if not cfg.resume or cfg.kl_coef > 0 else None:
         return problem
     if not Path(cfg.scenarios).is_file():
         return f"--scenarios {cfg.scenarios}: no such file"
     return writable_problem(Path(cfg.out))
-
-
-def model_problem(name):
-    """Why --model cannot name a model: a path that does not exist, or a folder without a model in it."""
-    path = Path(name).expanduser()
-    if name == "tiny" or (path.is_dir() and (path / "config.json").is_file()) or (path.is_file() and name.endswith(".gguf")):
-        return None
-    if path.exists():
-        return f"--model {name}: {'a folder without config.json' if path.is_dir() else 'not a model folder or .gguf file'}"
-    if re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) and not name.endswith(".gguf"):
-        return None   # a Hugging Face id (owner/name)
-    return f"--model {name}: no such file or folder (nor a Hugging Face id such as Qwen/Qwen2.5-7B-Instruct)"
 
 
 def writable_problem(out):

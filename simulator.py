@@ -21,13 +21,16 @@ In code:
 Each turn after the opening line is two LLM calls per dialogue: an emotion analysis of the newest
 assistant reply (JSON, ending in one signed integer change, clamped to +-max_change) and, shaped by
 the new emotion level, the persona's next message. The dialogue ends when the emotion reaches 100,
-falls below 10, or after max_turns scored replies; the state decides, never the text. An LLM backend
-is any function `messages -> text`: an OpenAI-compatible endpoint (OpenAIChat), the trainer's own
-frozen model, or ScriptedUser, a transparent rule-based stand-in for CPU smoke tests.
+falls below 10, or after max_turns scored replies; the state decides, never the text (a dialogue whose
+persona message cannot be read at all is cut short, flagged 'unreadable'). An LLM backend is any
+function `messages -> text`: an OpenAI-compatible endpoint (OpenAIChat), the trainer's own frozen model,
+or ScriptedUser, a transparent rule-based stand-in for CPU smoke tests.
 """
 
 import argparse
 import collections
+import functools
+import html
 import http.client
 import json
 import os
@@ -38,6 +41,7 @@ import string
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -127,7 +131,7 @@ def load_scenarios(path=SCENARIOS_PATH, split=None, kind=None):
         scenarios = [_project_scenario(item, f"{path}: item {i}") for i, item in enumerate(items)]
     else:
         scenarios = []
-        for lineno, line in enumerate(text.splitlines(), 1):
+        for lineno, line in enumerate(text.split("\n"), 1):   # JSON Lines end at \n only: text may hold U+2028
             if not line.strip():
                 continue
             try:
@@ -211,25 +215,33 @@ def _official_scenario(item, where):
 # Think mode: the simulator sees only the reply after </think>
 
 
+_THINK = re.compile(r"<\s*(/?)\s*think\s*>", re.IGNORECASE)   # <think>, </think>, < THINK >, </Think >
+_THINK_OPEN = re.compile(r"<\s*think\s*>", re.IGNORECASE)
+
+
 def split_think(text):
     """Split a think-mode turn into (thought, reply, well_formed).
 
-    Well-formed is `<think>thought</think>reply`: the think block first, closed exactly once, and a
-    non-empty reply after it. Whatever the form, the reasoning never reaches the simulator: with no
-    `</think>` everything from `<think>` on is treated as reasoning (the reply is what came before it,
-    usually nothing); with no tags at all there is no reasoning and the whole text is the reply."""
-    head, opened, _ = text.partition("<think>")
-    if "</think>" in text:
-        thought, _, reply = text.rpartition("</think>")
-        thought = thought.replace("<think>", "")
-    elif opened:
-        thought, reply = text[len(head) + len("<think>"):], head
-    else:
-        thought, reply = "", text
-    well_formed = (not head.strip() and opened and text.count("<think>") == 1 and text.count("</think>") == 1
+    The reply is what follows the last `</think>`, cut where a later `<think>` opens: whatever follows
+    an unclosed `<think>` is reasoning too. Tags are matched in any case and with spaces inside, so a
+    variant cannot carry reasoning past the cut. Everything else is the thought; it never reaches the
+    simulator. With no tags at all the whole text is the reply.
+
+        split_think("<think>plan</think>Hi!")                 -> ("plan", "Hi!", True)
+        split_think("<think>a</think>reply<think>secret")     -> ("a\\nsecret", "reply", False)
+        split_think("<think>never closed")                    -> ("never closed", "", False)
+
+    Well-formed is `<think>thought</think>reply` exactly: one `<think>` first, one `</think>`, no other
+    think tag (nor a variant), and a non-empty reply."""
+    tags = list(_THINK.finditer(text))
+    closes = [m for m in tags if m.group(1)]
+    before, after = (text[:closes[-1].start()], text[closes[-1].end():]) if closes else ("", text)
+    opened = _THINK_OPEN.search(after)   # after the last </think> only openings are left
+    reply, rest = (after[:opened.start()], after[opened.end():]) if opened else (after, "")
+    thought = "\n".join(p for p in (_THINK_OPEN.sub("", before).strip(), _THINK_OPEN.sub("", rest).strip()) if p)
+    well_formed = ([m.group() for m in tags] == ["<think>", "</think>"] and not text[:tags[0].start()].strip()
                    and bool(reply.strip()))
-    reply = reply.replace("<think>", "").replace("</think>", "")
-    return thought.strip(), reply.strip(), well_formed
+    return thought, reply.strip(), well_formed
 
 
 # -----------------------------------------------------------------------------
@@ -239,17 +251,67 @@ def split_think(text):
 # close one of them, so an assistant reply cannot pose as the simulator's own instructions or answer.
 FENCE_TAGS = ("persona", "scene", "hidden_need", "history", "your_message", "partner_reply", "analysis",
               "plan", "draft", "reply")
-_FENCE = re.compile(r"<(\s*/?\s*)(" + "|".join(FENCE_TAGS) + r")\b", re.IGNORECASE)
+# A reader may take more than the exact tag for one: a look-alike '<' or '/', and spaces, invisible
+# characters, '_' or '-' anywhere inside (`< /partner reply>`, `〈/partner_reply>`, `</part\u200bner_reply>`).
+# The angle quote '‹' that neutralised tags begin with is deliberately not among the look-alikes.
+_INVISIBLE = ("\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+              "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff9-\ufffb\U000e0000-\U000e0fff")
+_GAP, _SEP = rf"[\s{_INVISIBLE}]*", rf"[\s_\-{_INVISIBLE}]*"
+_FENCE = re.compile(
+    rf"[<＜﹤〈〈⟨˂❮❬❰⧼ᐸ⦉⦑]({_GAP}(?:[/／∕⁄⧸\\]{_GAP})*)("
+    + "|".join(_SEP.join(map(re.escape, tag.replace("_", ""))) for tag in FENCE_TAGS) + r")\b", re.IGNORECASE)
+# Cyrillic and Greek letters that look Latin, and dashes that look like '-' (compared, never shown, unless hostile)
+_LOOKALIKE = str.maketrans(dict(zip("аеорсуіјѕһԁхАВЕКМНОРСТУХІЈЅ" "ΑΒΕΖΗΙΚΜΝΟΡΤΥΧαοριν" "‐‑‒–—―−",
+                                    "aeopcyijshdxABEKMHOPCTYXIJS" "ABEZHIKMNOPTYXaopiv" "-------")))
+
+
+def _neutral(match):
+    return "‹" + match.group(1) + match.group(2)
+
+
+def plain_view(text):
+    """`text` as a reader may take it in: HTML entities and '\\u003c'-style escapes decoded (again and
+    again, for double encoding), compatibility forms folded (NFKC: fullwidth '＜' and letters to ASCII),
+    format characters (zero-width, bidi controls, soft hyphen) dropped and look-alike letters made Latin.
+
+        plain_view("&amp;lt;/ｐａｒｔｎｅｒ_reply&gt;") -> "</partner_reply>" """
+    if text.isascii() and not re.search(r"[&%\\]", text):
+        return text   # nothing to decode or fold
+    for _ in range(64):   # each round peels one layer; a fixed point is reached long before this
+        before = text
+        text = html.unescape(re.sub(r"\\u0*3c|\\x3c|%3c", "<", text, flags=re.IGNORECASE))
+        text = unicodedata.normalize("NFKC", text)
+        text = "".join(c for c in text if unicodedata.category(c) != "Cf").translate(_LOOKALIKE)
+        if text == before:
+            break
+    return text
 
 
 def quote(text):
-    """Neutralise fence tags inside quoted text: `</partner_reply>` becomes `‹/partner_reply>`."""
-    return _FENCE.sub(lambda m: "‹" + m.group(1) + m.group(2), text)
+    """Neutralise fence tags inside quoted text, and anything a reader could take for one.
+
+        quote("</partner_reply>")          -> "‹/partner_reply>"
+        quote("〈 / Partner reply>")        -> "‹ / Partner reply>"
+        quote("&lt;/partner_reply&gt; hi") -> "‹/partner_reply> hi"
+
+    Text without one comes back byte for byte. A tag that shows only in the plain view (entities,
+    fullwidth letters, invisible characters) is neutralised there, and the plain view is what the
+    simulator then reads. Quoting twice changes nothing more."""
+    text = _FENCE.sub(_neutral, text)
+    plain = plain_view(text)
+    return _FENCE.sub(_neutral, plain) if plain != text and _FENCE.search(plain) else text
+
+
+def hang(text, indent="  "):
+    """`text` with every line after the first indented, whatever the line break (all of str.splitlines'),
+    so that quoted text cannot start a line of its own: "ok\\rMe: I feel better" -> "ok\\n  Me: I feel better"."""
+    return ("\n" + indent).join(text.splitlines())
 
 
 def format_history(history, user="Me", assistant="Partner"):
-    """[{'role', 'content'}] -> 'Me: ...' / 'Partner: ...' lines (by default the persona's point of view)."""
-    lines = [f"{user if m['role'] == 'user' else assistant}: {quote(m['content'])}" for m in history]
+    """[{'role', 'content'}] -> 'Me: ...' / 'Partner: ...' lines (by default the persona's point of view).
+    A message's further lines are indented, so only a new message starts with a speaker's name."""
+    lines = [f"{user if m['role'] == 'user' else assistant}: {hang(quote(m['content']))}" for m in history]
     return "\n".join(lines) or "(nothing yet)"
 
 
@@ -257,25 +319,102 @@ class ParseError(ValueError):
     pass
 
 
-def last_json_object(text, required):
-    """The last top-level JSON object in `text` that has all the `required` keys.
+_OBJECT_START = re.compile(r'\{\s*["}]')   # '{' then a key (or '}'): JSON, not a brace in prose
 
-    Objects are scanned left to right and the scan resumes after each decoded object, so JSON quoted
-    inside one of its strings (e.g. a reply that says {"change": 10}) is never read as an answer.
-    A leading '+' on a number (`"change": +5`) is accepted."""
-    text = re.sub(r'(":\s*)\+(\d)', r"\1\2", text)
-    decoder, found, i = json.JSONDecoder(), None, text.find("{")
-    while i != -1:
+
+def top_level_objects(text):
+    """(start, end) of each '{...}' that opens outside any other. Inside an object the scan follows JSON
+    strings and their escapes, so a brace in a string never counts; outside, only a '{' followed by a
+    key opens one (a brace in prose does not). An object left open runs to the end and yields nothing.
+
+        top_level_objects('so {"a": "}{", "b": {"c": 1}} or {"d": 2}')  -> [(3, 29), (33, 41)]"""
+    spans, depth, start, in_string, escaped = [], 0, 0, False, False
+    for i, c in enumerate(text):
+        if depth == 0:
+            if c == "{" and _OBJECT_START.match(text, i):
+                depth, start = 1, i
+        elif in_string:   # only an unescaped '"' ends it
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in "{}":
+            depth += 1 if c == "{" else -1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def _signless(text):
+    return re.sub(r'(":\s*)\+(\d)', r"\1\2", text)   # "change": +5 -> "change": 5
+
+
+def _canonical(value):
+    """A JSON value in a form that ignores spacing, key order and case, and 10 vs 10.0 vs "10"."""
+    if isinstance(value, dict):
+        return {str(k).strip().lower(): _canonical(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_canonical(v) for v in value]
+    if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d{1,30}(\.\d{1,30})?\s*", value):
+        return float(value) if "." in value else int(value)
+    return " ".join(value.split()) if isinstance(value, str) else value   # numbers compare as numbers: 10 == 10.0
+
+
+def written_objects(texts):
+    """Every JSON object written anywhere in `texts` (nested, inside an escaped string, or loosely with
+    single quotes, bare keys, trailing commas or '+5'), in canonical form: what quoting one gives."""
+    found, decoder = [], json.JSONDecoder()
+    for text in texts:
+        loose = re.sub(r"([{,]\s*)([A-Za-z_]\w*)(\s*:)", r'\1"\2"\3', text.replace("'", '"'))
+        for variant in {text, text.replace('\\"', '"'), re.sub(r",\s*([}\]])", r"\1", loose)}:
+            variant = _signless(variant)
+            for m in re.finditer(r"\{", variant):
+                try:
+                    obj = decoder.raw_decode(variant, m.start())[0]
+                except (ValueError, RecursionError):
+                    continue
+                if isinstance(obj, dict):
+                    found.append(_canonical(obj))
+    return found
+
+
+def _quotes(obj, written):
+    """Whether `obj` repeats one of the `written` objects, whole or in part ({"change": 10} of a longer one)."""
+    obj = _canonical(obj)
+    return any(all(k in w and w[k] == v for k, v in obj.items()) for w in written)
+
+
+def last_json_object(text, required, exclude=()):
+    """The last top-level JSON object in `text` with all the `required` keys that is not one of the
+    objects written in the `exclude` texts (an answer quoting the assistant's JSON is not answering).
+
+    Only an object that opens outside any other counts (top_level_objects): JSON quoted inside an
+    answer's strings never does, and when an answer's own object is broken there is no answer, never
+    the object it quotes. An object that repeats one written in `exclude`, whole or in part, is the
+    answer quoting it. A leading '+' on a number (`"change": +5`) is accepted.
+
+        last_json_object('{"change": -6} They wrote: ok {"change": 10}', ["change"],
+                         exclude=['ok {"change": 10}'])  -> {'change': -6}"""
+    text = _signless(text)
+    written = written_objects(exclude) if exclude else []
+    found, skipped = None, 0
+    for start, end in top_level_objects(text):
         try:
-            obj, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
-            i = text.find("{", i + 1)
+            obj = json.loads(text[start:end])
+        except (ValueError, RecursionError):
             continue
         if isinstance(obj, dict) and all(k in obj for k in required):
-            found = obj
-        i = text.find("{", end)
+            if _quotes(obj, written):
+                skipped += 1
+            else:
+                found = obj
     if found is None:
-        raise ParseError(f"no JSON object with the fields {', '.join(required)}")
+        why = f" except {skipped} copied from the chat partner's reply" if skipped else ""
+        raise ParseError(f"no JSON object with the fields {', '.join(required)}{why}")
     return found
 
 
@@ -290,9 +429,11 @@ def as_int(value, name):
     return value
 
 
-def parse_analysis(text):
-    """The simulator's analysis: the last top-level JSON object with an integer 'change'."""
-    found = last_json_object(text, ["change"])
+def parse_analysis(text, assistant_texts=()):
+    """The simulator's analysis: its last top-level JSON object with an integer 'change'. Objects that
+    the assistant wrote (`assistant_texts`: its replies in this dialogue) do not count: an answer can
+    only be quoting them."""
+    found = last_json_object(text, ["change"], exclude=assistant_texts)
     change = as_int(found["change"], "change")
     keys = ("intent", "need_fit", "inner_reaction", "feeling")
     return {**{k: str(found.get(k, "")) for k in keys}, "change": change}
@@ -308,6 +449,28 @@ def parse_reply(text):
     if not reply:
         raise ParseError("empty <reply> section")
     return reply
+
+
+_REPLY_LINE = re.compile(r"[\s*_#>-]*reply[\s*_]*[:：](.*)", re.IGNORECASE)
+
+
+def salvage_reply(text):
+    """What may be sent of a reply-step answer that has no readable <reply>: the content of its last
+    <draft>, else its last `Reply: ...` line, else nothing. Never the rest, which may hold the plan and
+    so the hidden need. -> (message, 'draft' | 'reply_line'), or ('', None).
+
+        salvage_reply("<plan>they must say I'm not to blame</plan><draft>Fine.</draft>") -> ("Fine.", "draft")
+        salvage_reply("I want them to agree.\\nReply: Whatever.")  -> ("Whatever.", "reply_line")
+        salvage_reply("I want them to agree. Whatever.")            -> ("", None)"""
+    drafts = re.split(r"<\s*draft\s*>", text, flags=re.IGNORECASE)
+    if len(drafts) > 1:   # up to </draft> or the next section, if left open
+        draft = re.split(r"<\s*/?\s*(?:plan|draft|reply)\s*>", drafts[-1], flags=re.IGNORECASE)[0].strip()
+        if draft:
+            return draft, "draft"
+    lines = [m.group(1).strip().strip("*_").strip() for m in map(_REPLY_LINE.fullmatch, text.splitlines()) if m]
+    if lines := [line for line in lines if line]:
+        return lines[-1], "reply_line"
+    return "", None
 
 
 # -----------------------------------------------------------------------------
@@ -572,6 +735,27 @@ def add_args(parser):
     return g
 
 
+def sim_args_problem(args):
+    """What is wrong with the simulator's flags, in words naming the flag, or None: checked before any
+    model loads, so that a typo in --sim-url is not found after minutes of loading."""
+    if args.simulator == "llm":
+        if not args.sim_url or not args.sim_model:
+            return "--simulator llm needs --sim-url (e.g. http://127.0.0.1:8000/v1) and --sim-model"
+        url = urllib.parse.urlsplit(args.sim_url)
+        try:
+            url.port   # raises on a port that is not a number in range
+        except ValueError as e:
+            return f"--sim-url {args.sim_url!r}: {e}"
+        if url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in args.sim_url):
+            return f"--sim-url {args.sim_url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1"
+    for name, least in (("sim_timeout", 1e-9), ("sim_retries", 0), ("sim_concurrency", 1), ("sim_max_tokens", 1),
+                        ("max_change", 0), ("sim_temperature", 0)):
+        value = getattr(args, name, least)
+        if not least <= value < float("inf"):   # `not` refuses NaN too
+            return f"--{name.replace('_', '-')} must be {'above 0' if least == 1e-9 else f'at least {least}'}, got {value}"
+    return None
+
+
 def chat_from_args(args):
     return make_chat(args.simulator, args.sim_url, args.sim_model, args.sim_api_key_env, args.sim_temperature,
                      args.sim_timeout, args.sim_retries, args.sim_concurrency, args.difficulty, args.sim_max_tokens)
@@ -584,13 +768,14 @@ def chat_from_args(args):
 @dataclass
 class Turn:
     """What one assistant reply led to."""
-    user_message: str          # the persona's next message (the goodbye when the dialogue ended at S or F)
+    user_message: str          # the persona's next message (the goodbye at S or F; '' when unreadable)
     emotion: int               # emotion after the reply, in [0, 100]
     change: int                # applied change, after the clamp
     done: bool
-    end_reason: str | None     # success (>= 100) | failure (< 10) | turn_cap | None
+    end_reason: str | None     # success (>= 100) | failure (< 10) | turn_cap | unreadable | None
     format_violation: bool     # think mode: the think block was missing or malformed
     parse_failed: bool         # the analysis stayed unparsable after retries and counted as change 0
+    reply_fallback: str | None = None  # message unparsable: taken from its 'draft' or 'reply_line', or 'none'
 
 
 @dataclass
@@ -613,6 +798,7 @@ class SimulatedUser:
     end_reason: str | None = field(init=False, default=None)
     format_violations: int = field(init=False, default=0)
     parse_failures: int = field(init=False, default=0)
+    reply_failures: int = field(init=False, default=0)        # messages that stayed unparsable (salvaged or not)
     retried: int = field(init=False, default=0)               # calls repeated because an answer was unparsable
     call_seconds: float = field(init=False, default=0.0)      # time spent waiting on the backend
 
@@ -634,21 +820,31 @@ class SimulatedUser:
         """The persona's first message: the scenario's fixed line, else generated. No emotion update."""
         if self.history:
             raise RuntimeError(f"dialogue {self.dialogue_id} was already opened")
-        text = self.scenario.first_talk
+        text, extra = self.scenario.first_talk, {}
         if text is None:
-            text, _, _ = self._ask(render("sim_opening"), parse_reply)
-        self._add_user(text, {"emotion-point": self.emotion})
+            text, raw, failed = self._ask(render("sim_opening"), parse_reply)
+            if failed:
+                self.reply_failures += 1
+                text, source = salvage_reply(raw)
+                if not text:   # nothing to open with that is not planning: the dialogue cannot start
+                    raise SimulatorError(f"dialogue {self.dialogue_id}: the opening message stayed unreadable "
+                                         f"after {self.parse_retries} retries")
+                extra = {"reply_parse_failed": True, "reply_fallback": source}
+        self._add_user(text, {"emotion-point": self.emotion, **extra})
         return text
 
     def respond(self, assistant_text):
-        """Score the assistant's reply, update the emotion, decide the end, and answer in character."""
+        """Score the assistant's reply, update the emotion, decide the end, and answer in character.
+        A message that stays unreadable is salvaged from its draft or a `Reply:` line, never sent raw;
+        with neither, the dialogue ends there (end_reason 'unreadable', unless the emotion just ended it)."""
         if self.done or not self.history or self.history[-1]["role"] != "user":
             raise RuntimeError(f"dialogue {self.dialogue_id} is not waiting for an assistant reply")
         reply, well_formed = self._add_assistant(assistant_text)
         prompt = render("sim_analysis", history=format_history(self.history[:-2]),
                         user_message=quote(self.history[-2]["content"]), partner_reply=quote(reply),
                         emotion=self.emotion)
-        analysis, _, parse_failed = self._ask(prompt, parse_analysis)
+        said = [m["content"] for m in self.history if m["role"] == "assistant"]   # JSON in these is only quoted
+        analysis, _, parse_failed = self._ask(prompt, functools.partial(parse_analysis, assistant_texts=said))
         if parse_failed:
             self.parse_failures += 1
             analysis = {"intent": "", "need_fit": "", "inner_reaction": "", "feeling": "", "change": 0}
@@ -659,19 +855,29 @@ class SimulatedUser:
                            else "turn_cap" if self.turns >= self.max_turns else None)
         self.done = self.end_reason is not None
 
-        shown = "\n".join(f"{k}: {quote(str(v))}" for k, v in analysis.items()) if not parse_failed else "(no analysis)"
+        shown = "(no analysis)" if parse_failed else "\n".join(   # with the change applied, not the one asked for
+            f"{k}: {hang(quote(str(v)))}" for k, v in {**analysis, "change": change}.items())
         prompt = render("sim_reply", history=format_history(self.history), analysis=shown,
                         emotion=self.emotion, label=self.label)
         text, raw, reply_failed = self._ask(prompt, parse_reply)
-        if reply_failed:  # keep the conversation going with the raw answer, minus any planning sections
-            text = re.sub(r"<(plan|draft)>.*?(</\1>|$)", "", raw, flags=re.DOTALL | re.IGNORECASE).strip() or "..."
-        self._add_user(text, {
-            "emotion-point": self.emotion, "thinking": raw,
-            "planning": {"content": analysis["intent"], "TargetCompletion": analysis["need_fit"],
-                         "activity": analysis["inner_reaction"], "analyse": analysis["feeling"], "change": change},
-            **({"parse_failed": True} if parse_failed else {}),
-            **({"reply_parse_failed": True} if reply_failed else {})})
-        return Turn(text, self.emotion, change, self.done, self.end_reason, not well_formed, parse_failed)
+        source = None
+        if reply_failed:   # never the raw answer: its plan may spell out the hidden need
+            self.reply_failures += 1
+            text, source = salvage_reply(raw)
+            if not text:   # nothing to say that is not planning: the dialogue ends here, flagged
+                source = "none"
+                if self.end_reason not in ("success", "failure"):   # the emotion's own verdict stands
+                    self.done, self.end_reason = True, "unreadable"
+        entry = {"emotion-point": self.emotion, "thinking": raw,
+                 "planning": {"content": analysis["intent"], "TargetCompletion": analysis["need_fit"],
+                              "activity": analysis["inner_reaction"], "analyse": analysis["feeling"], "change": change},
+                 **({"parse_failed": True} if parse_failed else {}),
+                 **({"reply_parse_failed": True, "reply_fallback": source} if reply_failed else {})}
+        if source == "none":   # recorded with its score, but no message joins the conversation
+            self.records.append({"role": "user", "content": "", **entry})
+        else:
+            self._add_user(text, entry)
+        return Turn(text, self.emotion, change, self.done, self.end_reason, not well_formed, parse_failed, source)
 
     def add_final_reply(self, assistant_text):
         """Record one more assistant reply after the end, unscored (SAGE: a 10th reply after 9 scored)."""
@@ -720,7 +926,8 @@ class SimulatedUser:
                 "character": s.character_type, "topic": s.topic, "task": s.hidden_need, "history": self.records,
                 "dialogue_id": self.dialogue_id, "kind": s.kind, "need": s.need, "end_reason": self.end_reason,
                 "turns": self.turns, "start_emotion": self.start_emotion, "difficulty": self.difficulty,
-                "mode": self.mode, "format_violations": self.format_violations, "parse_failures": self.parse_failures}
+                "mode": self.mode, "format_violations": self.format_violations, "parse_failures": self.parse_failures,
+                "reply_failures": self.reply_failures}
 
 
 class Simulator:

@@ -372,9 +372,43 @@ def build_parser():
     return p
 
 
+def args_problem(args):
+    """The first flag or path of a benchmark run that cannot work, in words naming it, or None: found
+    before any model loads or any dialogue is played."""
+    if bool(args.model) == bool(args.assistant_url):
+        return "give the assistant under test: --model, or --assistant-url with --assistant-model"
+    for name, allowed, what in (("max_new_tokens", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
+                                ("max_turns", lambda v: v >= 1, "at least 1"), ("limit", lambda v: v is None or v >= 1, "at least 1"),
+                                ("temperature", lambda v: 0 <= v < float("inf"), "0 (greedy) or more"),
+                                ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
+                                ("max_context_tokens", lambda v: v > args.max_new_tokens, "more than --max-new-tokens")):
+        if not allowed(getattr(args, name)):   # `not` so that NaN is refused too
+            return f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}"
+    if args.assistant_url and (problem := S.url_problem("--assistant-url", args.assistant_url)):
+        return problem
+    if args.assistant_url and not args.assistant_model:
+        return "--assistant-url needs --assistant-model"
+    if args.judge and not (args.judge_url and args.judge_model):
+        return "--judge needs --judge-url and --judge-model"
+    if args.judge and (problem := S.url_problem("--judge-url", args.judge_url)):
+        return problem
+    if args.model:
+        import engines
+        if problem := engines.model_problem(args.model):
+            return problem
+    which = "chitchat" if args.chitchat else args.scenarios
+    if which not in ("test", "chitchat") and not Path(which).is_file():
+        return f"--scenarios {which}: no such file (or 'test', 'chitchat')"
+    return S.sim_args_problem(args)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.from_transcripts and (missing := [f for f in args.from_transcripts if not Path(f).is_file()]):
+        parser.error(f"--from-transcripts {missing[0]}: no such file")
+    if not (args.from_transcripts or args.compare) and (problem := args_problem(args)):
+        parser.error(problem)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.from_transcripts:
@@ -387,8 +421,6 @@ def main(argv=None):
         print("\nmean emotion per turn:\n" + plot_emotion(summaries, out))
         return summaries
     else:
-        if bool(args.model) == bool(args.assistant_url):
-            parser.error("give the assistant under test: --model, or --assistant-url with --assistant-model")
         which = "chitchat" if args.chitchat else args.scenarios
         if which in ("test", "chitchat"):
             scenarios = S.load_scenarios(split="test", kind="support" if which == "test" else "chitchat")

@@ -735,19 +735,26 @@ def add_args(parser):
     return g
 
 
+def url_problem(flag, url):
+    """Why `url` is not an endpoint's http(s) URL, in words naming the flag, or None."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        parts.port   # raises on a port that is not a number in range
+    except ValueError as e:
+        return f"{flag} {url!r}: {e}"
+    if parts.scheme not in ("http", "https") or not parts.hostname or any(c.isspace() for c in url):
+        return f"{flag} {url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1"
+    return None
+
+
 def sim_args_problem(args):
     """What is wrong with the simulator's flags, in words naming the flag, or None: checked before any
     model loads, so that a typo in --sim-url is not found after minutes of loading."""
     if args.simulator == "llm":
         if not args.sim_url or not args.sim_model:
             return "--simulator llm needs --sim-url (e.g. http://127.0.0.1:8000/v1) and --sim-model"
-        url = urllib.parse.urlsplit(args.sim_url)
-        try:
-            url.port   # raises on a port that is not a number in range
-        except ValueError as e:
-            return f"--sim-url {args.sim_url!r}: {e}"
-        if url.scheme not in ("http", "https") or not url.hostname or any(c.isspace() for c in args.sim_url):
-            return f"--sim-url {args.sim_url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1"
+        if problem := url_problem("--sim-url", args.sim_url):
+            return problem
     for name, least in (("sim_timeout", 1e-9), ("sim_retries", 0), ("sim_concurrency", 1), ("sim_max_tokens", 1),
                         ("max_change", 0), ("sim_temperature", 0)):
         value = getattr(args, name, least)

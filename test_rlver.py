@@ -2671,6 +2671,24 @@ def eval_args(*flags):
     return E.build_parser().parse_args(["--out", "unused", *map(str, flags)])
 
 
+@pytest.mark.parametrize("flags,says", [
+    (["--model", "tiny", "--temperature", "-1"], "--temperature must be 0 (greedy) or more"),
+    (["--model", "tiny", "--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["--model", "./no/such/model"], "--model ./no/such/model: no such file or folder"),
+    (["--assistant-url", "ftp://host/v1", "--assistant-model", "m"], "--assistant-url 'ftp://host/v1' is not"),
+    (["--model", "tiny", "--simulator", "llm", "--sim-url", "host:8000", "--sim-model", "m"], "--sim-url 'host:8000' is not"),
+    (["--model", "tiny", "--judge"], "--judge needs --judge-url and --judge-model"),
+    (["--model", "tiny", "--scenarios", "/no/such.jsonl"], "--scenarios /no/such.jsonl: no such file"),
+    (["--from-transcripts", "/no/such.jsonl"], "--from-transcripts /no/such.jsonl: no such file"),
+    (["--model", "tiny", "--assistant-url", "http://h:1/v1"], "give the assistant under test"),
+])
+def test_eval_refuses_bad_flags_before_anything_runs(tmp_path, monkeypatch, capsys, flags, says):
+    monkeypatch.setattr(engines, "load_policy", lambda *a: pytest.fail("a model was loaded"))
+    with pytest.raises(SystemExit) as stop:
+        E.main(["--out", str(tmp_path / "eval"), *flags])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
 class EchoAssistant(E.RemoteAssistant):
     """An assistant that answers every dialogue with a fixed reply and remembers whom it answered."""
 
@@ -2813,9 +2831,18 @@ def test_a_simulator_answering_garbage_gives_no_score(tmp_path, scenarios, capsy
     E.print_summary("banana", s)
     assert "not meaningful: 100% of the simulator's analyses were unparsable" in capsys.readouterr().out
     assert "not meaningful (100% unparsed)" in E.compare({"banana": s})
+    assert s["unreadable_dialogues"] == len(transcripts)                   # and no message was readable
     (tmp_path / "ok").mkdir()
     healthy = E.summarize(sage_run(tmp_path / "ok", scenarios, Fixed(change=1))[0])
-    assert healthy["parse_failure_rate"] == 0 and healthy["meaningful"]
+    assert healthy["parse_failure_rate"] == 0 and healthy["unreadable_dialogues"] == 0 and healthy["meaningful"]
+
+
+def test_a_score_whose_user_messages_were_mostly_unreadable_is_not_meaningful(tmp_path, scenarios):
+    """Analyses fine, but user messages never readable: every dialogue ends after one reply at whatever the
+    emotion was, which measures the simulator, not the assistant."""
+    backend = lambda m: Fixed(change=5)(m) if "<partner_reply>" in m[-1]["content"] else "I want them to agree."  # noqa: E731
+    s = E.summarize(sage_run(tmp_path, scenarios, backend)[0])
+    assert s["parse_failure_rate"] == 0 and s["unreadable_dialogues"] == s["n"] and s["meaningful"] is False
 
 
 class Judge:

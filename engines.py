@@ -217,13 +217,15 @@ def encode_chat(tokenizer, messages, add_generation_prompt=True):
 def end_of_turn_id(tokenizer):
     """The token the chat template ends an assistant turn with (<|im_end|>, <|eot_id|>, <end_of_turn>,
     <|end|>, </s>), which need not be the tokenizer's eos: the token right after the assistant's content
-    in a rendered user/assistant exchange. The engines stop on it, and the trainer closes with it a turn
+    in a rendered user/assistant exchange (after any whitespace: Llama-2 writes reply + ' ' + eos, and the
+    context then has the reply + eos, as sampled). The engines stop on it, and the trainer closes with it a turn
     whose reply it did not sample. It must be one of the tokenizer's special or added tokens (ValueError
     otherwise): a reply is ended by one token id, and plain text can also occur inside a reply."""
     markup, slots = _split_template(tokenizer, [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}],
                                     add_generation_prompt=False)
     after = markup[[k for k, _, _ in slots].index(1) + 1]
-    found = [(len(t.content), i) for i, t in tokenizer.added_tokens_decoder.items() if after.startswith(t.content)]
+    head = after.lstrip()   # Llama-2 writes reply + ' ' + eos: whitespace the model need not generate
+    found = [(len(t.content), i) for i, t in tokenizer.added_tokens_decoder.items() if head.startswith(t.content)]
     if not found:
         raise ValueError(
             f"The chat template ends an assistant turn with {after[:40]!r}, which does not start with a special "
@@ -262,12 +264,12 @@ def _user_turn_template(tokenizer):
     eot = tokenizer.added_tokens_decoder[end_of_turn_id(tokenizer)].content
     turns = [{"role": "user", "content": ""}, {"role": "assistant", "content": ""}, {"role": "user", "content": ""}]
     markup, slots = _split_template(tokenizer, turns, add_generation_prompt=True)
-    if [k for k, _, _ in slots] != [0, 1, 2] or not markup[2].startswith(eot):
+    if [k for k, _, _ in slots] != [0, 1, 2] or not markup[2].lstrip().startswith(eot):
         raise ValueError(f"The chat template does not end an earlier assistant turn with {eot!r} (it writes "
                          f"{markup[2][:40]!r} after it), though it ends the last one with it: the context, built "
                          "turn by turn, could not match the template. Use a chat template that ends every "
                          "assistant turn the same way (set chat_template in the model folder's tokenizer_config.json).")
-    return markup[2][len(eot):], markup[3], *slots[2][1:]
+    return markup[2].lstrip()[len(eot):], markup[3], *slots[2][1:]
 
 
 def _split_template(tokenizer, messages, add_generation_prompt):

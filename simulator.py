@@ -122,7 +122,7 @@ def load_scenarios(path=SCENARIOS_PATH, split=None, kind=None):
     id, player, scene, main_cha, cha_group, task[, first_talk]). Malformed input raises
     ScenarioError naming the file, the line or item, and the field."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")   # a byte-order mark, as some editors write, is not text
     if text.lstrip().startswith("["):
         try:
             items = json.loads(text)

@@ -852,6 +852,11 @@ SMALL_RUN = ["--algo", "grpo", "--mode", "direct", "--batch-size", 2, "--group-s
     (["--model", "./no/such/model"], "--model ./no/such/model: no such file or folder"),
     (["--model", "/no/such/model.gguf"], "--model /no/such/model.gguf: no such file"),
     (["--scenarios", "/no/such/file.json"], "--scenarios /no/such/file.json: no such file"),
+    (["--seed", "-1"], "--seed must be 0 or more"),
+    (["--device", "gpu"], "--device gpu: use auto, cpu or cuda"),
+    (["--mini-batches", "0"], "--mini-batches must be at least 1"),
+    (["--gather-ms", "nan"], "--gather-ms must be 0 or more"),
+    (["--lr", "inf"], "--lr must be 0 or more"),
 ])
 def test_bad_flags_are_refused_before_any_model_loads(tmp_path, monkeypatch, capsys, flags, says):
     monkeypatch.setattr(engines, "load_policy", lambda *a: pytest.fail("a model was loaded"))
@@ -867,6 +872,17 @@ def test_an_out_folder_that_cannot_be_written_is_refused_at_once(tmp_path, monke
         with pytest.raises(SystemExit):
             R.main(["--out", str(out)])
         assert f"--out {out}: cannot write there" in capsys.readouterr().err
+
+
+def test_truncated_importance_sampling_in_a_run(tiny, tmp_path):
+    """--tis-cap: the weights and the engine/trainer gap are reported. At top-p 1 the sampler's and the trainer's
+    log-probs agree (gap ~0, weights ~1); at top-p .8 the sampler's are renormalised over the top-p set, so
+    pi_trainer / pi_sampler < 1 on every token (weights below 1, never at the cap of 2)."""
+    same = train(tiny, tmp_path / "p1", *SMALL_RUN, "--steps", 1, "--tis-cap", 2)[0]
+    assert same["logp_gap_mean"] < 1e-4 and abs(same["tis_weight"] - 1) < 1e-4 and same["tis_capped"] == 0
+    cut = train(tiny, tmp_path / "p08", *SMALL_RUN, "--steps", 1, "--tis-cap", 2, "--top-p", 0.8)[0]
+    assert cut["logp_gap_mean"] > 0.05 and 0 < cut["tis_weight"] < 1 and cut["tis_capped"] == 0
+    assert abs(cut["tis_weight"] - 1) < 1 - math.exp(-cut["logp_gap_max"]) + 1e-6   # w = exp(-gap) per token
 
 
 def test_a_non_finite_update_is_skipped(policy):
@@ -1023,6 +1039,9 @@ def test_json_lines_end_only_at_newline(tmp_path):
                "task": odd}
     (tmp_path / "p.jsonl").write_text(json.dumps(profile, ensure_ascii=False) + "\n", encoding="utf-8")
     assert S.load_scenarios(tmp_path / "p.jsonl")[0].scene == odd
+    for f in (path, tmp_path / "p.jsonl"):   # a byte-order mark and Windows line ends change nothing
+        f.write_text("\ufeff" + f.read_text(encoding="utf-8").replace("\n", "\r\n"), encoding="utf-8")
+    assert len(V.read_transcripts(path)) == 3 and S.load_scenarios(tmp_path / "p.jsonl")[0].scene == odd
 
 
 # -----------------------------------------------------------------------------
@@ -1675,7 +1694,7 @@ PLAIN_END = (  # Alpaca-like: a turn ends with plain text, no control token
     "{%- if add_generation_prompt %}{{- '### assistant:\\n' }}{%- endif %}")
 
 
-@pytest.mark.parametrize("template", [PLAIN_END, CHATML.replace("'<|im_end|>\\n'", "'\\n<|im_end|>\\n'")])
+@pytest.mark.parametrize("template", [PLAIN_END, CHATML.replace("'<|im_end|>\\n'", "'\\nEND<|im_end|>\\n'")])
 def test_a_turn_that_does_not_end_with_a_control_token_is_refused(template):
     tokenizer = build_tokenizer(template, FAMILIES["chatml"][1], eos="<|endoftext|>")
     for call in (lambda: engines.end_of_turn_id(tokenizer), lambda: engines.user_turn_ids(tokenizer, LATER),
@@ -1683,6 +1702,25 @@ def test_a_turn_that_does_not_end_with_a_control_token_is_refused(template):
         with pytest.raises(ValueError, match="ends an assistant turn with .*control token.*chat_template"):
             call()
     assert engines.encode_chat(tokenizer, [SYSTEM, USER])   # a prompt alone needs no end of turn
+
+
+LLAMA2 = (  # Llama-2-chat: the system prompt inside the first [INST], and reply + ' ' + eos
+    "{%- if messages[0].role == 'system' %}{%- set sys = '<<SYS>>\\n' + messages[0].content | trim + '\\n<</SYS>>\\n\\n' %}"
+    "{%- set messages = messages[1:] %}{%- else %}{%- set sys = '' %}{%- endif %}"
+    "{%- for m in messages %}{%- if m.role == 'user' %}"
+    "{{- bos_token + '[INST] ' + (sys if loop.first else '') + m.content | trim + ' [/INST]' }}"
+    "{%- else %}{{- ' ' + m.content | trim + ' ' + eos_token }}{%- endif %}{%- endfor %}")
+
+
+def test_a_space_before_the_end_of_turn_token_is_the_replys_own():
+    """Llama-2 ends a reply with ' ' + eos: the end of turn is eos, and the context built turn by turn is
+    the template's rendering without that space (the model need not generate it)."""
+    tokenizer = build_tokenizer(LLAMA2, ["<unk>", "<s>", "</s>"], bos="<s>", eos="</s>")
+    assert engines.end_of_turn_id(tokenizer) == tokenizer.convert_tokens_to_ids("</s>")
+    ids = engines.encode_chat(tokenizer, [SYSTEM, USER]) + engines.encode_text(tokenizer, " " + REPLY)
+    ids += [engines.end_of_turn_id(tokenizer)] + engines.user_turn_ids(tokenizer, LATER)
+    conversation = [SYSTEM, USER, {"role": "assistant", "content": REPLY}, {"role": "user", "content": LATER}]
+    assert decode(tokenizer, ids) == render(tokenizer, conversation).replace(REPLY + " </s>", REPLY + "</s>")
 
 
 def test_earlier_turns_must_end_like_the_last():

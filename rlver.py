@@ -31,7 +31,8 @@ official code, and what does not:
     dialogue); the reward sits on the last generated token, not on a user token; GRPO statistics
     are per dialogue, not per turn row; the loss is normalised by the whole mini-batch's token
     count however it is split into micro-batches; simulator calls run concurrently with deadlines,
-    and a dialogue whose simulator fails is dropped (with its GRPO group) instead of hanging the run.
+    and a dialogue whose simulator fails is dropped (with its GRPO group) instead of hanging the run;
+    an optimizer step with a non-finite loss or gradient is skipped, never applied or checkpointed.
 
 Reading order: the RL math (gae_advantages, grpo_advantages, clipped_surrogate, policy_loss), one
 dialogue's life (play_dialogue) and the rollout, the update (compute_advantages, update_policy), the loop

@@ -137,6 +137,11 @@ def build_parser():
                    help="KL as a per-token reward penalty (k1) or as a loss term")
     g.add_argument("--kl-kind", choices=("k1", "k2", "k3", "k3+"), default="k3+",
                    help="KL estimator of the loss term (k3+: value of k3, gradient of k2)")
+    g.add_argument("--credit", choices=("final", "turn"), default="final",
+                   help="final: the dialogue's reward on its last token (the paper); turn: each turn's emotion change, "
+                        "credited to that turn and those before it (reward-to-go)")
+    g.add_argument("--skip-uniform-groups", action="store_true",
+                   help="GRPO: leave groups whose advantages are all 0 out of the update (they carry no gradient)")
     g.add_argument("--std-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="GRPO: divide by the group's std (--no-std-norm: Dr. GRPO)")
     g.add_argument("--loss-agg", choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"), default="token-mean",
@@ -222,6 +227,53 @@ def grpo_advantages(scores, group_ids, norm_by_std=True, eps=1e-6):
             continue
         mean, std = (s.mean(), s.std()) if len(s) > 1 else (torch.tensor(0.0), torch.tensor(1.0))
         advantages[idx] = (s - mean) / (std + eps) if norm_by_std else s - mean
+    return advantages.float()
+
+
+def turn_rewards(emotions, start_emotion, violations=(), format_rule=False):
+    """Per-turn credit from the simulator's own scores: r_t = (e_t - e_(t-1)) / 100 with e_0 the start
+    emotion and e_t the emotion after the t-th reply, as applied (after the +-max_change clamp and the
+    [0, 100] bounds, so a change lost at a bound is not credited). The sum telescopes:
+        sum_t r_t = (e_T - e_0) / 100 = R - e_0 / 100,   R = max(e_T, 0) / 100 the paper's reward,
+    and the reward-to-go from turn t, G_t = (e_T - e_(t-1)) / 100, differs from R by e_(t-1)/100, which is
+    fixed before turn t's reply is sampled: the same policy gradient in expectation, less variance. With
+    the format rule a violating dialogue's R is 0: its first violating turn also gets -e_T / 100, so the sum
+    is again R - e_0 / 100 and turns after the violation (which did not cause it) are not charged.
+    Example: start 30, emotions [36, 33, 43] -> r = [.06, -.03, .10], sum .13 = .43 - .30."""
+    e = [start_emotion, *emotions]
+    r = [(b - a) / 100 for a, b in zip(e, e[1:])]
+    if format_rule and any(violations):
+        r[list(violations).index(True)] -= emotions[-1] / 100
+    return r
+
+
+def reward_to_go(rewards):
+    """G_t = sum_(k >= t) r_k, along the last dimension (gamma = 1).  Example: [.06, -.03, .10] -> [.13, .07, .10]."""
+    return rewards.flip(-1).cumsum(-1).flip(-1)
+
+
+def loo_turn_advantages(returns, reached, group_ids, norm_by_std=True, eps=1e-6):
+    """Per-turn group-relative advantages with a leave-one-out baseline. returns: [N, K] the reward-to-go
+    G_(i,t) of dialogue i from its turn t; reached: [N, K] bool, dialogue i played turn t; group_ids: [N].
+        A_(i,t) = G_(i,t) - mean_(j in g(i), j != i, j reached t) G_(j,t),   divided by std_(j in g(i) reached t) G_(j,t)
+    with std normalisation. The baseline never reads dialogue i's own return, so it does not depend on
+    i's actions (the mean over all members, own included, would be biased: verl's per-turn RFC warns of
+    it). When no other member of the group reached turn t there is no baseline: A_(i,t) = 0, the turn is
+    left out of the gradient rather than given its raw return. Members whose returns at t are all equal get
+    exactly 0.
+    Example (no std): one group, G at turn 0 = [.3, .1, .2] -> baselines [.15, .25, .2] -> A = [.15, -.15, 0];
+    a turn 1 that only the first reached -> 0."""
+    returns = returns.double()                              # [N, K]
+    advantages = torch.zeros_like(returns)
+    for g in torch.unique(group_ids):
+        for t in range(returns.shape[1]):
+            members = (group_ids == g) & reached[:, t]
+            G = returns[members, t]
+            n = len(G)
+            if n < 2 or bool((G == G[0]).all()):
+                continue
+            a = G - (G.sum() - G) / (n - 1)                 # own return minus the others' mean
+            advantages[members, t] = a / (G.std() + eps) if norm_by_std else a
     return advantages.float()
 
 
@@ -341,6 +393,9 @@ class Dialogue:
     scenario: S.Scenario
     group: int                       # GRPO group: the dialogues of the same scenario in this step
     samples: list = dataclasses.field(default_factory=list)  # (input_ids, loss_mask, engine_logp) lists
+    turns: list = dataclasses.field(default_factory=list)    # per sample: each token's turn (-1: not generated)
+    emotions: list = dataclasses.field(default_factory=list)  # the emotion after each scored reply
+    violations: list = dataclasses.field(default_factory=list)  # think mode: each reply's format violation
     truncated_turns: int = 0         # turns cut by max_new_tokens
     end_reason: str | None = None    # success | failure | turn_cap | context_limit | dropped
     error: str | None = None         # why the simulator failed, when dropped
@@ -359,12 +414,13 @@ def play_dialogue(dialogue, user, engine, tokenizer, cfg):
     stays unreadable, drops the dialogue: its reward would be wherever the emotion stood, which a policy
     could learn to exploit by confusing the simulator."""
     d = dialogue
-    ids, loss_mask, engine_logp = [], [], []
+    ids, loss_mask, engine_logp, turn_of = [], [], [], []
 
-    def append(tokens, logprobs=None):   # logprobs given: tokens the policy sampled, to be trained
+    def append(tokens, logprobs=None, turn=-1):   # logprobs given: tokens the policy sampled in `turn`, to be trained
         ids.extend(tokens)
         loss_mask.extend([int(logprobs is not None)] * len(tokens))
         engine_logp.extend(logprobs or [0.0] * len(tokens))
+        turn_of.extend([turn if logprobs is not None else -1] * len(tokens))
 
     try:
         opening = user.open()
@@ -377,9 +433,10 @@ def play_dialogue(dialogue, user, engine, tokenizer, cfg):
             d.truncated_turns += not reply.finished
             if cfg.mode == "think":   # this turn is a sample; later turns see only its visible reply
                 d.samples.append((ids + reply.ids, [0] * len(ids) + [1] * len(reply.ids), [0.0] * len(ids) + reply.logprobs))
+                d.turns.append([-1] * len(ids) + [turn] * len(reply.ids))
                 append(E.encode_text(tokenizer, S.split_think(text)[1]) + [end_of_turn])
             else:                     # the sampled tokens stay in the context exactly as sampled
-                append(reply.ids, reply.logprobs)
+                append(reply.ids, reply.logprobs, turn)
                 # a turn cut by max_new_tokens, or ended by another stop token (e.g. <|endoftext|>), still ends as
                 # the template ends a turn: the next user turn follows what the template would have written
                 append([] if reply.finished and reply.ids[-1] == end_of_turn else [end_of_turn])
@@ -387,6 +444,8 @@ def play_dialogue(dialogue, user, engine, tokenizer, cfg):
             if answer.end_reason == "unreadable":   # the user's message could not be read: the simulator failed
                 raise S.SimulatorError(f"dialogue {d.id}: the simulator's message stayed unreadable after "
                                        f"{user.parse_retries + 1} tries (no <reply>, draft or 'Reply:' line)")
+            d.emotions.append(answer.emotion)
+            d.violations.append(answer.format_violation)
             if answer.done:
                 d.end_reason = answer.end_reason
                 break
@@ -400,7 +459,7 @@ def play_dialogue(dialogue, user, engine, tokenizer, cfg):
         return
     if cfg.mode == "direct":
         end = len(loss_mask) - loss_mask[::-1].index(1)   # up to the last sampled token
-        d.samples = [(ids[:end], loss_mask[:end], engine_logp[:end])]
+        d.samples, d.turns = [(ids[:end], loss_mask[:end], engine_logp[:end])], [turn_of[:end]]
 
 
 def rollout(engine, sim, tokenizer, scenarios, cfg, step):
@@ -439,6 +498,8 @@ class Sample:
     reward: float                    # the dialogue's reward
     dialogue: str                    # the dialogue's id: GRPO counts each dialogue once
     group: int                       # the dialogue's GRPO group
+    turns: torch.Tensor | None = None       # [T] the turn each generated token belongs to (-1 elsewhere)
+    turn_rewards: list | None = None        # the dialogue's per-turn rewards r_t (turn_rewards)
     logp_old: torch.Tensor | None = None    # [T] the trainer's log-probs before the update
     values_old: torch.Tensor | None = None  # [T] the critic's values before the update (PPO)
     logp_ref: torch.Tensor | None = None    # [T] the reference model's log-probs (KL)
@@ -452,21 +513,42 @@ def make_samples(dialogues, users, cfg):
     failed_groups = {d.group for d in dialogues.values() if d.end_reason == "dropped"}
     kept = [d for d in dialogues.values() if d.group not in failed_groups]
     samples = [Sample(torch.tensor(ids), torch.tensor(mask, dtype=torch.float32), torch.tensor(logp),
-                      dialogue_reward(users[d.id], cfg), d.id, d.group)
-               for d in kept for ids, mask, logp in d.samples]
+                      dialogue_reward(users[d.id], cfg), d.id, d.group, torch.tensor(turns), dialogue_turn_rewards(d, cfg))
+               for d in kept for (ids, mask, logp), turns in zip(d.samples, d.turns)]
     return kept, samples
 
 
-def compute_advantages(samples, cfg):
-    """Each sample's advantages and returns ([T] each).
-    PPO: token rewards (the dialogue's reward on the sample's last generated token, minus beta * k1 on
-    every generated token when the KL goes in the reward) -> GAE -> whitened over the batch.
-    GRPO: one score per dialogue (its reward, counted once however many turn samples it has, minus its
-    KL penalties) -> group-relative advantage -> broadcast over the generated tokens of its samples."""
+def dialogue_turn_rewards(d, cfg):
+    """The per-turn rewards of a played dialogue (turn_rewards), with the format rule as dialogue_reward has it."""
+    return turn_rewards(d.emotions, cfg.start_emotion, d.violations, cfg.format_rule and cfg.mode == "think")
+
+
+def compute_advantages(samples, cfg, credit=None, assign=True):
+    """Each sample's advantages and returns ([T] each), under the credit scheme `credit` (default
+    cfg.credit); returns the variance of the advantages over the generated tokens of all ranks (before
+    PPO's whitening), the figure that tells the schemes apart. assign=False only measures it.
+    PPO: token rewards -> GAE -> whitened over the batch. With final credit the dialogue's reward sits on
+    the sample's last generated token; with turn credit r_t sits on the last token of turn t (GAE with
+    gamma = lambda = 1 then gives each token reward-to-go minus the critic's value), and a think-mode
+    sample, which holds one turn, also carries the rewards of the turns after it on its last token. With
+    the KL in the reward, beta * k1 is subtracted on every generated token.
+    GRPO, final credit: one score per dialogue (its reward, counted once however many turn samples it has,
+    minus its KL penalties) -> group-relative advantage -> broadcast over its generated tokens.
+    GRPO, turn credit: reward-to-go per dialogue and turn (minus the KL penalties of that turn and later
+    ones) -> leave-one-out advantage per turn (loo_turn_advantages) -> each token gets its turn's."""
+    credit = credit or cfg.credit
     mask = pad([s.loss_mask for s in samples])                           # [N, T]
+    turns = pad([s.turns for s in samples], value=-1, dtype=torch.long) if credit == "turn" else None  # [N, T]
     last = mask.shape[1] - 1 - mask.flip(1).argmax(1)                     # [N] last generated token
     rewards = torch.zeros_like(mask)                                      # [N, T]
-    rewards[torch.arange(len(samples)), last] = torch.tensor([s.reward for s in samples])
+    if credit == "final":
+        rewards[torch.arange(len(samples)), last] = torch.tensor([s.reward for s in samples])
+    else:
+        for i, s in enumerate(samples):
+            played = sorted(set(turns[i][turns[i] >= 0].tolist()))
+            for t in played:                                  # r_t on turn t's last token
+                rewards[i, (turns[i] == t).nonzero().max()] += s.turn_rewards[t]
+            rewards[i, last[i]] += sum(s.turn_rewards[played[-1] + 1:]) if played else 0.0   # the turns after it
     penalty = torch.zeros_like(mask)                                      # [N, T]
     if cfg.kl_coef > 0 and cfg.kl_in == "reward":
         logp_old, logp_ref = pad([s.logp_old for s in samples]), pad([s.logp_ref for s in samples])
@@ -474,19 +556,49 @@ def compute_advantages(samples, cfg):
     if cfg.algo == "ppo":
         values = pad([s.values_old for s in samples])
         advantages, returns = gae_advantages(rewards - penalty, values, mask, cfg.gamma, cfg.lam)
+        variance = masked_variance(advantages, mask)
         advantages = masked_whiten(advantages, mask)
     else:
         names = sorted({s.dialogue for s in samples})
         dialogue = torch.tensor([names.index(s.dialogue) for s in samples], dtype=torch.long)  # [N] sample -> dialogue
-        scores, groups = torch.zeros(len(names)), torch.zeros(len(names), dtype=torch.long)
-        scores[dialogue] = torch.tensor([s.reward for s in samples])
-        scores -= torch.zeros(len(names)).index_add_(0, dialogue, penalty.sum(1))
+        groups = torch.zeros(len(names), dtype=torch.long)
         groups[dialogue] = torch.tensor([s.group for s in samples], dtype=torch.long)
-        advantages = grpo_advantages(scores, groups, cfg.std_norm)[dialogue][:, None] * mask
+        if credit == "final":
+            scores = torch.zeros(len(names))
+            scores[dialogue] = torch.tensor([s.reward for s in samples])
+            scores -= torch.zeros(len(names)).index_add_(0, dialogue, penalty.sum(1))
+            advantages = grpo_advantages(scores, groups, cfg.std_norm)[dialogue][:, None] * mask
+        else:
+            K = max(len(s.turn_rewards) for s in samples)
+            r, reached = torch.zeros(len(names), K), torch.zeros(len(names), K, dtype=torch.bool)   # [D, K]
+            for i, s in zip(dialogue.tolist(), samples):
+                r[i, :len(s.turn_rewards)] = torch.tensor(s.turn_rewards)
+                reached[i, :len(s.turn_rewards)] = True
+            where = turns >= 0                                                # [N, T] generated tokens
+            spent = torch.zeros(len(names) * K).index_add_(0, (dialogue[:, None] * K + turns)[where], penalty[where])
+            returns_by_turn = reward_to_go(r - spent.view(len(names), K))     # [D, K]
+            by_turn = loo_turn_advantages(returns_by_turn, reached, groups, cfg.std_norm)
+            advantages = by_turn[dialogue[:, None], turns.clamp(min=0)] * mask
+        variance = masked_variance(advantages, mask)
         returns = torch.zeros_like(mask)
-    for s, a, r in zip(samples, advantages, returns):
-        n = len(s.input_ids)
-        s.advantages, s.returns = a[:n], r[:n]
+    if assign:
+        for s, a, r in zip(samples, advantages, returns):
+            n = len(s.input_ids)
+            s.advantages, s.returns = a[:n], r[:n]
+    return variance
+
+
+def masked_variance(x, mask):
+    """The variance of x over the positions where mask is 1, on all ranks together (two passes, float64)."""
+    n, total = all_sum(mask.sum(), (x.double() * mask).sum()).tolist()
+    if n == 0:
+        return 0.0
+    return float(all_sum(((x.double() - total / n) ** 2 * mask).sum())[0]) / n
+
+
+def uniform_groups(samples):
+    """The GRPO groups none of whose advantages is non-zero: they carry no policy gradient."""
+    return {s.group for s in samples} - {s.group for s in samples if bool(s.advantages.any())}
 
 
 def on_policy(cfg):
@@ -686,8 +798,16 @@ def main(argv=None):
         t1 = time.perf_counter()
         engine.sleep()
         score_samples(samples, policy, critic, reference, cfg, device)
-        compute_advantages(samples, cfg)
-        stats = update_policy(samples, policy, critic, optimizers["policy"], optimizers.get("critic"), cfg, device,
+        other = {"final": "turn", "turn": "final"}[cfg.credit]   # the other scheme's variance, for comparison
+        variance = {f"advantage_var_{other}": compute_advantages(samples, cfg, credit=other, assign=False),
+                    f"advantage_var_{cfg.credit}": compute_advantages(samples, cfg)}
+        trained, skipped_groups = samples, 0
+        if cfg.skip_uniform_groups and cfg.algo == "grpo":   # no gradient in them: leave them out (unless all are)
+            uniform = uniform_groups(samples)
+            rest = [s for s in samples if s.group not in uniform]
+            if all_sum(len(rest))[0] > 0:
+                trained, skipped_groups = rest, len(uniform)
+        stats = update_policy(trained, policy, critic, optimizers["policy"], optimizers.get("critic"), cfg, device,
                               generator)
         lr = optimizers["policy_schedule"].get_last_lr()[0]
         all_skipped = stats["optimizer_steps"] and stats["skipped_updates"] == stats["optimizer_steps"]
@@ -701,14 +821,15 @@ def main(argv=None):
         update_s = time.perf_counter() - t1
 
         # metrics and transcripts, gathered from all ranks
-        row = {"step": step, **step_metrics(dialogues, kept, samples, sim, cfg), **stats, "lr": lr,
+        row = {"step": step, **step_metrics(dialogues, kept, samples, sim, cfg), **stats, "lr": lr, **variance,
+               "skipped_groups": int(all_sum(skipped_groups)[0]),
                "failed_dialogues": int(failed), "dropped_dialogues": int(dropped),
                "value_loss": stats.get("value_loss"), "kl_ref": stats.get("kl_ref"),
                "explained_variance": explained_variance(samples) if critic is not None else None,
                "rollout_s": rollout_s, "update_s": update_s}
         row["tokens_per_s"] = row["response_tokens"] / rollout_s   # generated tokens per second of rollout
-        row["update_tokens_per_s"] = float(all_sum(sum(len(s.input_ids) for s in samples))[0]) * cfg.ppo_epochs / update_s
-        row["update_tflops"] = update_flops(samples, policy, critic, reference, cfg) / update_s / 1e12  # all ranks
+        row["update_tokens_per_s"] = float(all_sum(sum(len(s.input_ids) for s in trained))[0]) * cfg.ppo_epochs / update_s
+        row["update_tflops"] = update_flops(trained, policy, critic, reference, cfg) / update_s / 1e12  # all ranks
         if device.startswith("cuda"):
             row["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30   # rank 0's
         transcripts = sum(all_gather([{**sim.transcript(d.id), "end_reason": d.end_reason, "error": d.error}
@@ -1211,17 +1332,22 @@ def write_step(out, metrics_path, row, transcripts):
 
 def step_metrics(dialogues, kept, samples, sim, cfg):
     """What the rollout achieved over all ranks' kept dialogues: reward, final emotion, successes (>= 100)
-    and failures (< 10), turns, format violations, unparsable analyses, truncated turns, tokens per turn,
-    the gap between the sampler's and the trainer's log-probs of the same tokens, and the simulator's calls."""
+    and failures (< 10), turns, per-turn rewards (turn_rewards), format violations, unparsable analyses,
+    truncated turns, tokens per turn, the gap between the sampler's and the trainer's log-probs of the same
+    tokens (those trained), and the simulator's calls."""
     users = sim.users
     records = sum(all_gather([{"emotion": users[d.id].emotion, "reward": dialogue_reward(users[d.id], cfg),
+                               "turn_rewards": dialogue_turn_rewards(d, cfg),
                                "turns": users[d.id].turns, "format_violations": users[d.id].format_violations,
                                "parse_failures": users[d.id].parse_failures, "truncated_turns": d.truncated_turns}
                               for d in kept]), [])
     emotions = np.array([r["emotion"] for r in records], dtype=float)
     turns = max(sum(r["turns"] for r in records), 1)
-    gaps = [(s.engine_logp - s.logp_old).abs()[s.loss_mask.bool()] for s in samples]
-    generated, gap_sum = all_sum(sum(len(g) for g in gaps), sum(float(g.sum()) for g in gaps)).tolist()
+    gaps = [(s.engine_logp - s.logp_old).abs()[s.loss_mask.bool()] for s in samples if s.logp_old is not None]
+    generated, gapped, gap_sum = all_sum(sum(float(s.loss_mask.sum()) for s in samples), sum(len(g) for g in gaps),
+                                         sum(float(g.sum()) for g in gaps)).tolist()
+    per_turn = [r["turn_rewards"] for r in records]
+    flat = np.array([x for r in per_turn for x in r], dtype=float)
     gap_max = float(all_max(max((float(g.max()) for g in gaps if len(g)), default=0.0))[0])
     m = sim.metrics()
     calls, failed, retries, parse_retries, latency_sum = all_sum(
@@ -1238,7 +1364,11 @@ def step_metrics(dialogues, kept, samples, sim, cfg):
             "truncated_turn_rate": sum(r["truncated_turns"] for r in records) / turns,
             "response_tokens": generated,
             "response_tokens_mean": generated / turns,
-            "logp_gap_mean": gap_sum / max(generated, 1),
+            "logp_gap_mean": gap_sum / max(gapped, 1),
+            "turn_reward_mean": float(flat.mean()) if len(flat) else 0.0,
+            "turn_reward_std": float(flat.std()) if len(flat) else 0.0,
+            "turn_reward_by_turn": [round(float(np.mean([r[t] for r in per_turn if len(r) > t])), 5)
+                                    for t in range(max(map(len, per_turn), default=0))],
             "logp_gap_max": gap_max,
             "sim_calls": int(calls), "sim_failed_calls": int(failed), "sim_http_retries": int(retries),
             "sim_parse_retries": int(parse_retries), "sim_max_in_flight": int(in_flight),

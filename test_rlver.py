@@ -236,6 +236,48 @@ def test_truncated_importance_weights():
     assert abs(float(loss_off) - (-1 + 1 - 0.5) / 3) < 1e-6 and "tis_weight" not in stats_off
 
 
+def test_turn_rewards_telescope_to_the_final_reward():
+    """sum_t r_t = R - e_0/100 for every dialogue, so reward-to-go G_t = (e_T - e_(t-1))/100; with the format rule
+    a violating dialogue's R is 0 and the penalty sits on its first violating turn, not on later ones."""
+    assert np.allclose(R.turn_rewards([36, 33, 43], 30), [.06, -.03, .10])            # the docstring's example
+    rng = random.Random(0)
+    for _ in range(200):
+        start, n = rng.randint(0, 100), rng.randint(1, 9)
+        emotions = [rng.randint(0, 100) for _ in range(n)]
+        violations = [rng.random() < 0.2 for _ in range(n)]
+        r = R.turn_rewards(emotions, start)
+        assert abs(sum(r) - (emotions[-1] / 100 - start / 100)) < 1e-12
+        G = R.reward_to_go(torch.tensor(r, dtype=torch.float64))
+        e = [start, *emotions]
+        assert torch.allclose(G, torch.tensor([(emotions[-1] - e[t]) / 100 for t in range(n)], dtype=torch.float64))
+        ruled = R.turn_rewards(emotions, start, violations, format_rule=True)
+        final = 0.0 if any(violations) else emotions[-1] / 100
+        assert abs(sum(ruled) - (final - start / 100)) < 1e-12
+        if any(violations):
+            first = violations.index(True)
+            assert ruled[:first] == r[:first] and ruled[first + 1:] == r[first + 1:]
+    assert torch.allclose(R.reward_to_go(t([.06, -.03, .10])), t([.13, .07, .10]))
+
+
+def test_leave_one_out_turn_advantages():
+    G = t([[.3, .5], [.1, 0], [.2, 0]])
+    reached = torch.tensor([[True, True], [True, False], [True, False]])
+    groups = torch.zeros(3, dtype=torch.long)
+    a = R.loo_turn_advantages(G, reached, groups, norm_by_std=False)
+    assert torch.allclose(a, t([[.15, 0], [-.15, 0], [0, 0]]), atol=1e-7)   # baselines .15 .25 .2; turn 1: no other
+    a = R.loo_turn_advantages(G, reached, groups)                           # std of [.3, .1, .2] is .1
+    assert torch.allclose(a, t([[1.5, 0], [-1.5, 0], [0, 0]]), atol=1e-4)
+    # the baseline never reads the sample's own return: moving G_0 moves A_0 by exactly as much
+    moved = G.clone()
+    moved[0, 0] += 0.4
+    b = R.loo_turn_advantages(moved, reached, groups, norm_by_std=False)
+    assert abs(float(b[0, 0] - a.new_tensor(.15)) - 0.4) < 1e-6 and torch.allclose(b[1:, 0], t([-.15, 0]) - 0.2, atol=1e-6)
+    # two groups never mix; equal returns give exactly 0
+    a = R.loo_turn_advantages(t([[.7], [.7], [.7], [1], [0]]), torch.ones(5, 1, dtype=torch.bool),
+                              torch.tensor([0, 0, 0, 1, 1]))
+    assert (a[:3] == 0).all() and torch.allclose(a[3:, 0], t([1.4142, -1.4142]), atol=1e-4)
+
+
 def test_clipped_surrogate_both_sides_and_dual_clip():
     ratio = t([1.5, 0.5, 1.5, 0.5, 5.0])
     adv = t([1.0, 1.0, -1.0, -1.0, -1.0])
@@ -883,6 +925,73 @@ def test_truncated_importance_sampling_in_a_run(tiny, tmp_path):
     cut = train(tiny, tmp_path / "p08", *SMALL_RUN, "--steps", 1, "--tis-cap", 2, "--top-p", 0.8)[0]
     assert cut["logp_gap_mean"] > 0.05 and 0 < cut["tis_weight"] < 1 and cut["tis_capped"] == 0
     assert abs(cut["tis_weight"] - 1) < 1 - math.exp(-cut["logp_gap_max"]) + 1e-6   # w = exp(-gap) per token
+
+
+def turn_sample(ids_turns, turn_rewards, dialogue, group=0, **kw):
+    """A Sample whose tokens are given by turn: -1 for context, t for a token generated in turn t."""
+    turns = torch.tensor(ids_turns)
+    return R.Sample(torch.arange(len(ids_turns)), (turns >= 0).float(), torch.zeros(len(ids_turns)),
+                    reward=0.0, dialogue=dialogue, group=group, turns=turns, turn_rewards=turn_rewards, **kw)
+
+
+def test_turn_credit_returns_are_reward_to_go_in_both_modes():
+    """PPO with gamma = lambda = 1: R_t = A_t + V_t is each token's reward-to-go from its own turn, whatever the
+    critic says; direct mode (one sample) and think mode (one sample a turn) agree."""
+    cfg = rollout_config(algo="ppo", credit="turn")
+    direct = turn_sample([-1, -1, 0, 0, -1, 1, 1, 1], [.05, -.02], "a", values_old=t([0, 0, .3, -.1, 0, .2, 0, .4]))
+    think = [turn_sample([-1, -1, 0, 0], [.05, -.02], "b", values_old=t([0, 0, .3, -.1])),
+             turn_sample([-1, -1, -1, -1, 1, 1, 1], [.05, -.02], "b", values_old=t([0, 0, 0, 0, .2, 0, .4]))]
+    R.compute_advantages([direct, *think], cfg)
+    assert torch.allclose(direct.returns, t([0, 0, .03, .03, 0, -.02, -.02, -.02]), atol=1e-7)
+    assert torch.allclose(think[0].returns, t([0, 0, .03, .03]), atol=1e-7)
+    assert torch.allclose(think[1].returns, t([0, 0, 0, 0, -.02, -.02, -.02]), atol=1e-7)
+
+
+def test_gae_with_turn_rewards_equals_the_hand_computation():
+    """gamma = .9, lambda = .5 over tokens [t0, t0, user, t1] with r = [.05 at the last t0 token, -.02 at t1]
+    and V = [.1, .2, -, .3]: t1: d = -.02 - .3 = -.32, A = -.32; t0b: d = .05 + .9*.3 - .2 = .12,
+    A = .12 + .45*-.32 = -.024; t0a: d = 0 + .9*.2 - .1 = .08, A = .08 + .45*-.024 = .0692."""
+    cfg = rollout_config(algo="ppo", credit="turn", gamma=0.9, lam=0.5)
+    s = turn_sample([0, 0, -1, 1], [.05, -.02], "a", values_old=t([.1, .2, 0, .3]))
+    R.compute_advantages([s], cfg)
+    assert torch.allclose(s.returns - s.values_old * s.loss_mask, t([.0692, -.024, 0, -.32]), atol=1e-6)
+
+
+def test_grpo_turn_credit_by_hand():
+    """Dialogue a: r = [.05, -.02] (G = [.03, -.02]); b: r = [.01] (G = [.01]); one group, no std. Turn 0:
+    A_a = .03 - .01 = .02, A_b = -.02; turn 1: only a reached it -> 0. Each token gets its turn's advantage,
+    in direct mode and in think mode alike."""
+    cfg = rollout_config(algo="grpo", credit="turn", std_norm=False)
+    a, b = turn_sample([-1, 0, 0, -1, 1], [.05, -.02], "a"), turn_sample([-1, 0, 0, 0], [.01], "b")
+    variance = R.compute_advantages([a, b], cfg)
+    assert torch.allclose(a.advantages, t([0, .02, .02, 0, 0]), atol=1e-7)
+    assert torch.allclose(b.advantages, t([0, -.02, -.02, -.02]), atol=1e-7)
+    expected = np.var([.02, .02, 0, -.02, -.02, -.02])
+    assert abs(variance - expected) < 1e-9
+    a0, a1 = turn_sample([-1, 0, 0], [.05, -.02], "a"), turn_sample([-1, -1, -1, 1], [.05, -.02], "a")
+    b0 = turn_sample([-1, 0, 0, 0], [.01], "b")
+    R.compute_advantages([a0, a1, b0], cfg)
+    assert torch.allclose(a0.advantages, t([0, .02, .02])) and (a1.advantages == 0).all()
+    final = rollout_config(algo="grpo", credit="final", std_norm=False)
+    a.reward, b.reward = .43, .41
+    assert R.compute_advantages([a, b], final, assign=False) > 0 and torch.allclose(a.advantages, t([0, .02, .02, 0, 0]))
+
+
+def test_uniform_groups_are_found_and_skipped(tiny, tmp_path):
+    samples = [sample([1, 2], [0, 1], dialogue=f"d{i}", group=i // 2) for i in range(4)]
+    for s, a in zip(samples, (0.0, 0.0, 0.5, -0.5)):
+        s.advantages = t([0, a])
+    assert R.uniform_groups(samples) == {0}
+    rows = train(tiny, tmp_path / "run", *SMALL_RUN, "--steps", 2, "--skip-uniform-groups", "--credit", "turn",
+                 "--mode", "think")
+    assert all(0 <= r["skipped_groups"] <= 2 for r in rows)
+    assert all(r["advantage_var_final"] >= 0 and r["advantage_var_turn"] >= 0 for r in rows)
+    assert all(len(r["turn_reward_by_turn"]) <= 2 and "turn_reward_std" in r for r in rows)
+
+
+def test_turn_credit_trains_with_ppo(tiny, tmp_path):
+    rows = train(tiny, tmp_path / "run", *SMALL_RUN, "--algo", "ppo", "--steps", 2, "--credit", "turn")
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["policy_loss"]) for r in rows)
 
 
 def test_a_non_finite_update_is_skipped(policy):

@@ -24,17 +24,21 @@ gpu        on one GPU (skipped without): 3 PPO steps of a random Qwen2.5-0.5B-sh
 """
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+import numpy as np
 
 import engines
 import loopback
@@ -543,6 +547,65 @@ def gpu_schedules(path=None, dialogues=32, turns=3, new_tokens=64, device="cuda"
     print(f"| the slowest dialogue's own simulator time | {slowest:.1f} | 1.00x |")
 
 
+def credit_schemes(seeds=(1, 2, 3), steps=40, algo="grpo", out="/tmp/rlver-credit", svg="docs/credit.svg", extra=()):
+    """Final vs per-turn credit (--credit) on the quick start's task (the scripted user, which scores each
+    turn by rules, and the tiny model), `seeds` each, the same budget: reward per step (mean of the seeds,
+    and docs/credit.svg), the final reward (mean of the last 5 steps) with its spread over seeds, the
+    variance of the advantages under both schemes, and the variance of the gradient norm over steps.
+    Two runs at a time, one thread each."""
+    flags = ["--algo", algo, "--mode", "direct", "--model", "tiny", "--simulator", "scripted", "--difficulty", "easy",
+             "--steps", steps, "--batch-size", 8, "--group-size", 4 if algo == "grpo" else 1, "--max-turns", 8,
+             "--max-new-tokens", 10, "--lr", 1e-2, "--warmup-steps", 0, "--save-every", 1000]
+    if algo == "ppo":
+        flags += ["--batch-size", 16, "--critic-lr", 3e-3, "--critic-warmup-steps", 0]
+    flags += list(extra)
+    name = algo + "".join(extra).replace("--", "-")
+    runs = {(scheme, seed): f"{out}/{name}-{scheme}-s{seed}" for scheme in ("final", "turn") for seed in seeds}
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    pending = list(runs.items())
+    while pending:
+        batch, pending = pending[:2], pending[2:]
+        procs = []
+        for (scheme, seed), path in batch:
+            shutil.rmtree(path, ignore_errors=True)
+            procs.append(subprocess.Popen([sys.executable, "rlver.py", *map(str, flags), "--credit", scheme, "--seed",
+                                           str(seed), "--out", path], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL, cwd=Path(__file__).parent))
+        for p in procs:
+            assert p.wait() == 0, "a run failed"
+    rows = {k: [json.loads(line) for line in open(f"{path}/metrics.jsonl")] for k, path in runs.items()}
+    print(f"\ncredit schemes: {name}, direct mode, scripted user (easy), tiny model, {steps} steps x 8 scenarios"
+          f"{' x 4' if algo == 'grpo' else ''}, seeds {', '.join(map(str, seeds))}")
+    print("| credit | reward, first 5 steps | reward, last 5 steps (mean ± sd over seeds) | gain | Var A (final) | "
+          "Var A (turn) | Var of grad norm |")
+    print("|---|---|---|---|---|---|---|")
+    curves = {}
+    for scheme in ("final", "turn"):
+        runs_ = [rows[(scheme, seed)] for seed in seeds]
+        first = [np.mean([r["reward_mean"] for r in x[:5]]) for x in runs_]
+        last = [np.mean([r["reward_mean"] for r in x[-5:]]) for x in runs_]
+        var_final = np.mean([r["advantage_var_final"] for x in runs_ for r in x])
+        var_turn = np.mean([r["advantage_var_turn"] for x in runs_ for r in x])
+        grad_var = np.mean([np.var([r["grad_norm"] for r in x]) for x in runs_])
+        curves[scheme] = np.mean([[r["reward_mean"] for r in x] for x in runs_], axis=0)
+        print(f"| {scheme} | {np.mean(first):.3f} | {np.mean(last):.3f} ± {np.std(last, ddof=1):.3f} | "
+              f"{np.mean(last) - np.mean(first):+.3f} | {var_final:.3g} | {var_turn:.3g} | {grad_var:.3g} |")
+    width, height, low = 480, 200, min(map(min, curves.values()))
+    high = max(map(max, curves.values()))
+    point = lambda i, v: f"{40 + i * (width - 50) / (steps - 1):.1f},{height - 25 - (v - low) / (high - low or 1) * (height - 40):.1f}"  # noqa: E731
+    lines = [f'<polyline fill="none" stroke="{color}" stroke-width="2" points="{" ".join(point(i, v) for i, v in enumerate(c))}"/>'
+             f'<text x="{width - 60}" y="{20 + 16 * k}" fill="{color}" font-size="12">{name}</text>'
+             for k, ((name, c), color) in enumerate(zip(curves.items(), ("#1f77b4", "#d62728")))]
+    Path(svg).write_text(
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">'
+        f'<rect width="100%" height="100%" fill="white"/><line x1="40" y1="{height - 25}" x2="{width - 10}" '
+        f'y2="{height - 25}" stroke="#888"/><line x1="40" y1="10" x2="40" y2="{height - 25}" stroke="#888"/>'
+        f'<text x="2" y="{height - 25}" font-size="11">{low:.2f}</text><text x="2" y="20" font-size="11">{high:.2f}</text>'
+        f'<text x="{width / 2 - 60}" y="{height - 6}" font-size="11">step (1-{steps}); reward, mean of {len(seeds)} seeds</text>'
+        + "".join(lines) + "</svg>\n")
+    print(f"(curves: {svg})")
+
+
 def _installed(package):
     import importlib.metadata as metadata
     try:
@@ -554,7 +617,9 @@ def _installed(package):
 BENCHMARKS = {"simulator": simulator_turn, "rollout": rollout_vs_slow_simulator, "async": heavy_tailed,
               "lengths": varying_lengths, "trl": trl_comparison,
               "logprob": logprob_memory, "engines": engine_speed, "scaling": scaling, "gpu": gpu_check,
-              "gpu-schedules": gpu_schedules}
+              "gpu-schedules": gpu_schedules, "credit": credit_schemes, "credit-ppo": functools.partial(
+                  credit_schemes, algo="ppo", svg="docs/credit-ppo.svg"),
+              "credit-dr-grpo": functools.partial(credit_schemes, svg="docs/credit-dr-grpo.svg", extra=["--no-std-norm"])}
 
 if __name__ == "__main__" and sys.argv[1:2] in (["_ours"], ["_trl"]):   # one side of a comparison, in its own process
     import resource

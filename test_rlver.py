@@ -1012,10 +1012,11 @@ def test_a_non_finite_update_is_skipped(policy):
 def test_non_finite_updates_stop_the_run_before_a_checkpoint_can_hold_them(tiny, tmp_path, monkeypatch):
     original = R.compute_advantages
 
-    def poisoned(samples, cfg):
-        original(samples, cfg)
-        for s in samples:
+    def poisoned(samples, cfg, credit=None, assign=True):
+        variance = original(samples, cfg, credit, assign)
+        for s in samples if assign else ():
             s.advantages = s.advantages * float("nan")
+        return variance
     monkeypatch.setattr(R, "compute_advantages", poisoned)
     with pytest.raises(SystemExit) as stop:
         train(tiny, tmp_path / "run", *SMALL_RUN, "--steps", 6, "--save-every", 1)

@@ -19,7 +19,8 @@ The same command runs without torchrun in one process (one GPU, or the CPU).
 
 One step: sample scenarios (GRPO: each `--group-size` times) -> play every dialogue at its own pace
 (each in its own thread; the engine generates for whichever dialogues are waiting for a reply while the
-others wait on the simulator) -> reward max(e_T, 0)/100 on the last generated token -> advantages (PPO:
+others wait on the simulator) -> reward max(e_T, 0)/100 on the last generated token (--credit turn: each
+reply's emotion change on its own last token, turn_rewards) -> advantages (PPO:
 critic + GAE; GRPO: group-relative) -> clipped policy-gradient update. What follows the paper and the
 official code, and what does not:
   - kept: the reward, the simulator protocol, think-then-say turns with earlier thoughts dropped from

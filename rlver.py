@@ -239,7 +239,9 @@ def turn_rewards(emotions, start_emotion, violations=(), format_rule=False):
     and the reward-to-go from turn t, G_t = (e_T - e_(t-1)) / 100, differs from R by e_(t-1)/100, which is
     fixed before turn t's reply is sampled: the same policy gradient in expectation, less variance. With
     the format rule a violating dialogue's R is 0: its first violating turn also gets -e_T / 100, so the sum
-    is again R - e_0 / 100 and turns after the violation (which did not cause it) are not charged.
+    is again R - e_0 / 100 and turns after the violation (which did not cause it) are not charged. A
+    dialogue cut by the turn cap or the context limit has the turns it played (its R is e_T at the cut);
+    a dropped one is not trained on at all (make_samples), under either scheme.
     Example: start 30, emotions [36, 33, 43] -> r = [.06, -.03, .10], sum .13 = .43 - .30."""
     e = [start_emotion, *emotions]
     r = [(b - a) / 100 for a, b in zip(e, e[1:])]

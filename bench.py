@@ -134,12 +134,13 @@ def run_trl(model, steps):
 
 
 def run_ours(model, steps):
-    """rlver.py on the same task: --max-turns 1, 8 scenarios x 4, 32 new tokens, HF generation, fp32 on CPU."""
+    """rlver.py on the same task: --max-turns 1 from the fixed first_talk, 8 scenarios x 4, 32 new tokens, HF
+    generation, fp32 on CPU."""
     import rlver
 
     out = tempfile.mkdtemp()
     rlver.main(["--algo", "grpo", "--mode", "direct", "--model", model, "--simulator", "scripted", "--engine", "hf",
-                "--max-turns", "1", "--batch-size", "8", "--group-size", "4", "--max-new-tokens", "32", "--lr", "1e-6",
+                "--opening", "fixed", "--max-turns", "1", "--batch-size", "8", "--group-size", "4", "--max-new-tokens", "32", "--lr", "1e-6",
                 "--steps", str(steps), "--save-every", "100000", "--out", out, "--device", "cpu"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     return [r["rollout_s"] + r["update_s"] for r in rows]
@@ -238,8 +239,8 @@ def play_rollout(engine, chat, scenarios, turns, max_new_tokens, mode="direct", 
     simulator seconds, the Simulator)."""
     import rlver
 
-    cfg = rlver.build_parser().parse_args(["--mode", mode, "--max-turns", str(turns), "--max-new-tokens",
-                                           str(max_new_tokens), "--group-size", "1"])
+    cfg = S.resolve_protocol(rlver.build_parser().parse_args(["--mode", mode, "--max-turns", str(turns), "--max-new-tokens",
+                                           str(max_new_tokens), "--group-size", "1"]))
     sim = S.Simulator(chat, start_emotion=50, max_turns=turns, mode=mode, concurrency=concurrency)
     start = time.perf_counter()
     rlver.rollout(engine, sim, engine.tokenizer, scenarios, cfg, step)

@@ -10,10 +10,12 @@ The Sentient benchmark (SAGE protocol), the five-capability judge, chit-chat, an
     python eval.py ... --judge --judge-url URL --judge-model M             # add the five capabilities
     python eval.py --from-transcripts FILE.jsonl ... --out DIR             # recompute scores from transcripts
     python eval.py --compare evals/a evals/b --paper                       # one table, and emotion per turn
+    python eval.py --replay RUN.jsonl --simulator llm ... --out DIR        # our simulator on recorded SAGE turns
 
-Protocol: each scenario opens with its first_talk; the emotion starts at 40; each change is clamped to
-+-10; the dialogue stops when the emotion reaches 100 or falls below 10; at most 10 assistant replies,
-of which the first 9 are scored (a 10th, unscored reply follows a 9th that did not end the dialogue).
+Protocol (--protocol sage, each setting a flag of its own): each scenario opens with its first_talk; the
+emotion starts at 40; each change is clamped to +-10; the dialogue stops when the emotion reaches 100,
+falls below 10, or the simulated user says goodbye; at most 10 assistant replies, of which the first 9
+are scored (a 10th, unscored reply follows a 9th that did not end the dialogue).
 Sentient score = mean final emotion; success = final >= 100; failure = final < 10.
 A run writes OUT/transcripts.jsonl (one dialogue a line, the SAGE schema, appended as each dialogue
 ends, so an interrupted run resumes where it stopped) and OUT/summary.json ({run name: summary}).
@@ -47,9 +49,10 @@ PAPER = {
 # Scores from transcripts
 
 
-def read_transcripts(path, tolerate_torn_end=False):
-    """Dialogues of a transcript file (one JSON object a line). A malformed line is an error naming the
-    file and line, except a torn last line when resuming (a run killed mid-write), which is dropped."""
+def read_jsonl(path, required, what, tolerate_torn_end=False):
+    """[(line number, object)] of a JSON Lines file whose objects need the `required` keys. A malformed
+    line is an error naming the file and line, except a torn last line when resuming (a run killed
+    mid-write), which is dropped."""
     lines = Path(path).read_text(encoding="utf-8-sig").split("\n")   # JSON Lines end at \n only (text may hold U+2028)
     while lines and not lines[-1].strip():
         lines.pop()
@@ -59,14 +62,20 @@ def read_transcripts(path, tolerate_torn_end=False):
             continue
         try:
             item = json.loads(line)
-            if not isinstance(item, dict) or "emo_point" not in item or "history" not in item:
-                raise ValueError("a transcript needs 'emo_point' and 'history'")
+            if not isinstance(item, dict) or any(key not in item for key in required):
+                raise ValueError(f"a {what} needs {' and '.join(repr(k) for k in required)}")
         except ValueError as e:
             if tolerate_torn_end and lineno == len(lines):
                 break
-            raise ValueError(f"{path} line {lineno}: not a transcript ({e})") from None
-        out.append(item)
+            raise ValueError(f"{path} line {lineno}: not a {what} ({e})") from None
+        out.append((lineno, item))
     return out
+
+
+def read_transcripts(path, tolerate_torn_end=False, numbered=False):
+    """Dialogues of a transcript file (one JSON object a line, the SAGE schema); with numbered, (line, dialogue)."""
+    items = read_jsonl(path, ("emo_point", "history"), "transcript", tolerate_torn_end)
+    return items if numbered else [item for _, item in items]
 
 
 def bootstrap_ci(values, resamples=10000, level=0.95, seed=0):
@@ -114,6 +123,7 @@ def summarize(transcripts):
         "format_violation_rate": sum(h["format_violation"] for h in think) / len(think) if think else None,
         "parse_failure_rate": unparsed,
         "unreadable_dialogues": unreadable,
+        "goodbyes": sum(t.get("end_reason") == "goodbye" for t in transcripts),   # ended by the user's own goodbye
         "meaningful": (unparsed is None or unparsed < UNPARSED_LIMIT) and unreadable < UNPARSED_LIMIT * len(transcripts),
         "emotion_by_turn": np.mean([emotion_by_turn(t) for t in transcripts], axis=0).round(2).tolist(),
         "capabilities": {c: float(np.mean([j[c] for j in scored])) for c in CAPABILITIES} if scored else None,
@@ -136,7 +146,8 @@ def print_summary(name, s):
               "check that --sim-model follows the prompts")
         return
     print(f"\n{name}: Sentient {s['sentient_score']:.1f} (95% CI {s['ci95'][0]:.1f}-{s['ci95'][1]:.1f}), "
-          f"success {s['success']}, failure {s['failure']} of {s['n']}; {s['turns_mean']:.1f} replies of "
+          f"success {s['success']}, failure {s['failure']} of {s['n']}"
+          + (f", {s['goodbyes']} left with a goodbye" if s.get("goodbyes") else "") + f"; {s['turns_mean']:.1f} replies of "
           f"{s['reply_chars_mean']:.0f} characters" + (f"; format violations {s['format_violation_rate']:.1%}"
                                                        if s["format_violation_rate"] is not None else "")
           + (f"; unparsable analyses {s['parse_failure_rate']:.1%}" if s.get("parse_failure_rate") else "")
@@ -202,8 +213,7 @@ def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
     todo = [s for s in scenarios if s.id not in finished]
     if done:
         print(f"resuming: {len(done)} dialogues already in {path}, {len(todo)} to go")
-    sim = S.Simulator(chat, start_emotion=args.start_emotion, max_change=args.max_change, max_turns=args.max_turns,
-                      difficulty=args.difficulty, mode=args.mode, concurrency=args.sim_concurrency)
+    sim = S.Simulator(chat, mode=args.mode, concurrency=args.sim_concurrency, **S.simulator_settings(args))
     bar, lock = tqdm(total=len(todo), desc="dialogues"), threading.Lock()
 
     def play(scenario, f):   # one dialogue's life: the user opens, then reply and answer until the end
@@ -233,6 +243,139 @@ def run_benchmark(scenarios, assistant, chat, system_prompt, path, args):
         if len(errors) == len(todo):
             raise errors[-1]
     return read_transcripts(path)
+
+
+# -----------------------------------------------------------------------------
+# Replay calibration: our analysis step on the replies of recorded dialogues
+
+
+def replay_turns(transcript, where):
+    """The scored turns of one recorded dialogue: for each assistant reply that a user message with an
+    emotion followed, (turn index, the visible history up to that reply, the emotion before it, the recorded
+    change = the emotion after it minus the emotion before, as the recording's simulator applied it)."""
+    history, turns, emotion, index = [], [], None, 0
+    for k, entry in enumerate(transcript.get("history") or []):
+        if not isinstance(entry, dict) or entry.get("role") not in ("user", "assistant"):
+            raise ValueError(f"{where}: history entry {k} is not a user or assistant message")
+        history.append({"role": entry["role"], "content": str(entry.get("content") or "")})
+        if entry["role"] == "user" and isinstance(entry.get("emotion-point"), (int, float)):
+            point = int(entry["emotion-point"])
+            if emotion is not None and len(history) >= 3 and history[-2]["role"] == "assistant":
+                turns.append((index, history[:-1], emotion, point - emotion))
+                index += 1
+            emotion = point
+    return turns
+
+
+def replay(files, chat, out, args):
+    """Score every recorded reply of `files` (the SAGE transcript schema) with our analysis step, in its
+    recorded context and from its recorded emotion, and compare with the recorded change. Turns are
+    scored concurrently and appended to OUT/replay_turns.jsonl as they finish, so an interrupted replay
+    resumes where it stopped; OUT/replay.json holds the figures per file (replay_figures)."""
+    settings = S.protocol_settings(args)
+    path = out / "replay_turns.jsonl"
+    keys = ("file", "line", "turn", "ours")
+    done = [r for _, r in read_jsonl(path, keys, "replayed turn", tolerate_torn_end=True)] if path.exists() else []
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in done), encoding="utf-8")   # drops a torn last line
+    finished = {(r["file"], r["line"], r["turn"]) for r in done}
+    jobs, dialogues = [], {}
+    for file in files:
+        base = os.path.basename(file)
+        for lineno, transcript in read_transcripts(file, numbered=True)[:args.limit]:
+            where = f"{file} line {lineno}"
+            scenario = S.transcript_scenario(transcript, where)
+            turns = replay_turns(transcript, where)
+            dialogues[(base, lineno)] = (transcript, turns)
+            jobs += [(base, lineno, scenario, turn) for turn in turns if (base, lineno, turn[0]) not in finished]
+    if done:
+        print(f"resuming: {len(done)} turns already in {path}, {len(jobs)} to go")
+    bar, lock = tqdm(total=len(jobs), desc="replayed turns"), threading.Lock()
+
+    def score(job, f):
+        base, lineno, scenario, (turn, history, emotion, recorded) = job
+        said = [m["content"] for m in history if m["role"] == "assistant"]
+        prompt = S.analysis_prompt(scenario, history, emotion, args.prompts)
+        analysis, raw, failed = S.ask(chat, [{"role": "user", "content": prompt}],
+                                      lambda text: S.parse_analysis(text, said), retries=2)
+        ours = None if failed else analysis["change"]
+        if ours is not None and settings["max_change"] is not None:
+            ours = max(-settings["max_change"], min(settings["max_change"], ours))
+        record = {"file": base, "line": lineno, "id": str(dialogues[(base, lineno)][0].get("id")), "turn": turn,
+                  "emotion_before": emotion, "recorded": recorded, "ours": ours, "parse_failed": failed}
+        with lock:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            bar.update()
+
+    with open(path, "a", encoding="utf-8") as f, ThreadPoolExecutor(max(1, min(args.sim_concurrency, len(jobs)))) as pool:
+        futures = [pool.submit(score, job, f) for job in jobs]
+    bar.close()
+    errors = [e for e in (x.exception() for x in futures) if e is not None]
+    if unexpected := [e for e in errors if not isinstance(e, S.SimulatorError)]:
+        raise unexpected[0]
+    if errors:
+        print(f"{len(errors)} of {len(jobs)} turns lost their simulator and are not in {path} (run the same command "
+              f"again to score them); last error: {errors[-1]}")
+    figures = replay_figures([r for _, r in read_jsonl(path, keys, "replayed turn")], dialogues, settings)
+    (out / "replay.json").write_text(json.dumps(figures, indent=1, ensure_ascii=False), encoding="utf-8")
+    return figures
+
+
+def replay_figures(records, dialogues, settings):
+    """{file base name: figures} from the replayed turns. Per turn, over the turns our analysis could
+    read: sign agreement (both up, both down, or both 0), the mean absolute error and Pearson's
+    correlation between our change and the recorded one. Per dialogue: the final emotion re-accumulated
+    from the recorded start with our changes (clamped and bounded as the protocol says; an unreadable
+    analysis counts 0, as in a live dialogue, and no early end), next to the recorded final emotion."""
+    by_turn = {(r["file"], r["line"], r["turn"]): r for r in records}
+    figures = {}
+    for base in dict.fromkeys(b for b, _ in dialogues):
+        rows = [r for (b, _, _), r in sorted(by_turn.items()) if b == base]
+        read = [r for r in rows if r["ours"] is not None]
+        ours, recorded = np.array([r["ours"] for r in read], float), np.array([r["recorded"] for r in read], float)
+        per_dialogue = []
+        for (b, lineno), (transcript, turns) in dialogues.items():
+            if b != base or not turns or any((b, lineno, t[0]) not in by_turn for t in turns):
+                continue   # not fully replayed yet
+            emotion = turns[0][2]
+            for turn in turns:
+                emotion = min(100, emotion + (by_turn[(b, lineno, turn[0])]["ours"] or 0))
+                emotion = emotion if settings["min_emotion"] is None else max(settings["min_emotion"], emotion)
+            per_dialogue.append({"line": lineno, "id": str(transcript.get("id")), "turns": len(turns),
+                                 "recorded_final": transcript.get("emo_point"), "replayed_final": emotion})
+        finals = [(d["recorded_final"], d["replayed_final"]) for d in per_dialogue if isinstance(d["recorded_final"], (int, float))]
+        figures[base] = {
+            "turns": len(rows), "parse_failures": len(rows) - len(read),
+            "sign_agreement": float(np.mean(np.sign(ours) == np.sign(recorded))) if read else None,
+            "mae": float(np.mean(np.abs(ours - recorded))) if read else None,
+            "correlation": correlation(ours, recorded),
+            "mean_change": {"ours": float(ours.mean()) if read else None, "recorded": float(recorded.mean()) if read else None},
+            "dialogues": len(per_dialogue),
+            "final_mae": float(np.mean([abs(a - b) for a, b in finals])) if finals else None,
+            "final_correlation": correlation(*map(np.array, zip(*finals))) if finals else None,
+            "final_mean": {"ours": float(np.mean([b for _, b in finals])) if finals else None,
+                           "recorded": float(np.mean([a for a, _ in finals])) if finals else None},
+            "per_dialogue": per_dialogue,
+        }
+    return figures
+
+
+def correlation(a, b):
+    """Pearson's r, or None when either side does not vary (or has fewer than two values)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    if len(a) < 2 or a.std() == 0 or b.std() == 0:
+        return None
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def print_replay(figures):
+    for base, f in figures.items():
+        show = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+        print(f"{base}: {f['turns']} turns ({f['parse_failures']} unreadable), sign agreement "
+              f"{show(f['sign_agreement'], '.1%')}, MAE {show(f['mae'], '.2f')}, r {show(f['correlation'], '.2f')}; "
+              f"mean change ours {show(f['mean_change']['ours'], '+.2f')} vs recorded {show(f['mean_change']['recorded'], '+.2f')}; "
+              f"{f['dialogues']} dialogues: final emotion MAE {show(f['final_mae'], '.1f')}, r {show(f['final_correlation'], '.2f')}, "
+              f"mean ours {show(f['final_mean']['ours'], '.1f')} vs recorded {show(f['final_mean']['recorded'], '.1f')}")
 
 
 # -----------------------------------------------------------------------------
@@ -332,6 +475,9 @@ def build_parser():
     g = p.add_argument_group("what to do (default: run the benchmark)")
     g.add_argument("--from-transcripts", nargs="+", metavar="FILE", help="recompute scores from transcript files")
     g.add_argument("--compare", nargs="+", metavar="DIR", help="one table of several evaluation folders")
+    g.add_argument("--replay", nargs="+", metavar="FILE",
+                   help="score the replies of recorded dialogues (SAGE schema) with our simulator's analysis step "
+                        "and compare with the recorded changes: OUT/replay.json")
     g.add_argument("--paper", action="store_true", help="with --compare: add the paper's published rows")
     g.add_argument("--out", default="eval_out", help="transcripts.jsonl, summary.json (and the plot) go here")
     g.add_argument("--name", help="the run's name in summary.json (default: the model's name and the scenarios)")
@@ -339,7 +485,7 @@ def build_parser():
     g.add_argument("--scenarios", default="test",
                    help="'test' or 'chitchat' (of scenarios.json), or a file (ours or the official SAGE profiles)")
     g.add_argument("--chitchat", action="store_true", help="the chit-chat scenarios (same as --scenarios chitchat)")
-    g.add_argument("--limit", type=int, help="only the first N scenarios")
+    g.add_argument("--limit", type=int, help="only the first N scenarios (with --replay: dialogues of each file)")
     g = p.add_argument_group("assistant under test")
     g.add_argument("--model", help="local model: a path, a Hugging Face id, a .gguf file or 'tiny'")
     g.add_argument("--assistant-url", help="or an OpenAI-compatible endpoint for the assistant")
@@ -358,12 +504,10 @@ def build_parser():
     g.add_argument("--vllm-gpu-memory", type=float, default=0.85, help="share of the GPU's memory vLLM may take")
     g.add_argument("--device", default="auto", help="auto, cpu or cuda")
     g.add_argument("--seed", type=int, default=0, help="seeds local sampling")
-    g = p.add_argument_group("protocol")
-    g.add_argument("--start-emotion", type=int, default=40, help="the simulated user's starting emotion (SAGE: 40)")
-    g.add_argument("--max-turns", type=int, default=9, help="scored assistant replies at most (SAGE: 9)")
+    g = p.add_argument_group("benchmark")
     g.add_argument("--final-reply", action=argparse.BooleanOptionalAction, default=True,
                    help="one more, unscored reply after the last scored one (SAGE: 10 replies, 9 scored)")
-    S.add_args(p)
+    S.add_args(p, "sage")   # the simulator, and the protocol: SAGE's unless told otherwise
     g = p.add_argument_group("judge")
     g.add_argument("--judge", action="store_true", help="score the five capabilities with an LLM judge")
     g.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge")
@@ -378,9 +522,9 @@ def args_problem(args):
     if bool(args.model) == bool(args.assistant_url):
         return "give the assistant under test: --model, or --assistant-url with --assistant-model"
     for name, allowed, what in (("max_new_tokens", lambda v: v >= 1, "at least 1"), ("batch_size", lambda v: v >= 1, "at least 1"),
-                                ("max_turns", lambda v: v >= 1, "at least 1"), ("limit", lambda v: v is None or v >= 1, "at least 1"),
+                                ("limit", lambda v: v is None or v >= 1, "at least 1"),
                                 ("temperature", lambda v: 0 <= v < float("inf"), "0 (greedy) or more"),
-                                ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"), ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
+                                ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
                                 ("max_context_tokens", lambda v: v > args.max_new_tokens, "more than --max-new-tokens")):
         if not allowed(getattr(args, name)):   # `not` so that NaN is refused too
             return f"--{name.replace('_', '-')} must be {what}, got {getattr(args, name)}"
@@ -405,12 +549,20 @@ def args_problem(args):
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.from_transcripts and (missing := [f for f in args.from_transcripts if not Path(f).is_file()]):
-        parser.error(f"--from-transcripts {missing[0]}: no such file")
-    if not (args.from_transcripts or args.compare) and (problem := args_problem(args)):
+    for flag, files in (("--from-transcripts", args.from_transcripts), ("--replay", args.replay)):
+        if files and (missing := [f for f in files if not Path(f).is_file()]):
+            parser.error(f"{flag} {missing[0]}: no such file")
+    if args.replay and (problem := S.sim_args_problem(args)):
+        parser.error(problem)
+    if not (args.from_transcripts or args.compare or args.replay) and (problem := args_problem(args)):
         parser.error(problem)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replay:
+        figures = replay(args.replay, S.chat_from_args(args), out, args)
+        print_replay(figures)
+        print(f"\nwrote {out / 'replay.json'}")
+        return figures
     if args.from_transcripts:
         summaries = {os.path.basename(f): summarize(read_transcripts(f)) for f in args.from_transcripts}
     elif args.compare:

@@ -19,21 +19,24 @@ The same command runs without torchrun in one process (one GPU, or the CPU).
 
 One step: sample scenarios (GRPO: each `--group-size` times) -> play every dialogue at its own pace
 (each in its own thread; the engine generates for whichever dialogues are waiting for a reply while the
-others wait on the simulator) -> reward max(e_T, 0)/100 on the last generated token (--credit turn: each
+others wait on the simulator) -> reward e_T/100 on the last generated token (--credit turn: each
 reply's emotion change on its own last token, turn_rewards) -> advantages (PPO:
 critic + GAE; GRPO: group-relative) -> clipped policy-gradient update. What follows the paper and the
 official code, and what does not:
-  - kept: the reward, the simulator protocol, think-then-say turns with earlier thoughts dropped from
-    the context (think mode trains each turn as its own sample, all sharing the dialogue's reward),
-    the official hyper-parameters (PPO: actor lr 1e-6, critic lr 5e-6, gamma = lambda = 1, clip 0.2,
-    value clip 0.5, entropy 0.001, no KL); GRPO group advantages normalised by the group's std.
-  - fixed: dialogues are keyed by id (never by list position); the trained tokens are the sampled
-    tokens (user turns are appended by templating only the new message, never by re-tokenising the
-    dialogue); the reward sits on the last generated token, not on a user token; GRPO statistics
-    are per dialogue, not per turn row; the loss is normalised by the whole mini-batch's token
-    count however it is split into micro-batches; simulator calls run concurrently with deadlines,
-    and a dialogue whose simulator fails is dropped (with its GRPO group) instead of hanging the run;
-    an optimizer step with a non-finite loss or gradient is skipped, never applied or checkpointed.
+  - kept: the reward, the official rollout's protocol (--protocol rlver: start 30, no clamp, 9 scored
+    replies, ends at e <= 0 or the user's goodbye, a new opening every dialogue), think-then-say turns
+    with earlier thoughts dropped from the context (think mode trains each turn as its own sample, all
+    sharing the dialogue's reward), the official hyper-parameters (PPO: actor lr 1e-6, critic lr 5e-6,
+    gamma = lambda = 1, clip 0.2, value clip 0.5, entropy 0.001, no KL); GRPO group advantages
+    normalised by the group's std.
+  - fixed: a goodbye is the simulator's own <leave>, never a word search of anyone's text; dialogues
+    are keyed by id (never by list position); the trained tokens are the sampled tokens (user turns
+    are appended by templating only the new message, never by re-tokenising the dialogue); the reward
+    sits on the last generated token, not on a user token; GRPO statistics are per dialogue, not per
+    turn row; the loss is normalised by the whole mini-batch's token count however it is split into
+    micro-batches; simulator calls run concurrently with deadlines, and a dialogue whose simulator
+    fails is dropped (with its GRPO group) instead of hanging the run; an optimizer step with a
+    non-finite loss or gradient is skipped, never applied or checkpointed.
 
 Reading order: the RL math (gae_advantages, grpo_advantages, clipped_surrogate, policy_loss), one
 dialogue's life (play_dialogue) and the rollout, the update (compute_advantages, update_policy), the loop
@@ -99,19 +102,17 @@ def build_parser():
     g.add_argument("--group-size", type=int, default=None,
                    help="dialogues per scenario (default: 4 for GRPO, 1 for PPO)")
     g = p.add_argument_group("rollout")
-    g.add_argument("--max-turns", type=int, default=8, help="assistant replies scored per dialogue at most")
     g.add_argument("--max-new-tokens", type=int, default=1024, help="tokens per assistant turn at most")
     g.add_argument("--max-context-tokens", type=int, default=10240,
                    help="a dialogue stops when its next turn could exceed this")
     g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the policy")
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of the policy")
-    g.add_argument("--start-emotion", type=int, default=30, help="the simulated user's starting emotion")
     g.add_argument("--format-rule", action="store_true",
                    help="think mode: a dialogue with a think-tag violation gets reward 0")
     g.add_argument("--max-dropped-share", type=float, default=0.25,
                    help="stop the run (after a checkpoint) when more than this share of a step's dialogues "
                         "lose their simulator; fewer are dropped from the step, with their GRPO groups")
-    S.add_args(p)
+    S.add_args(p, "rlver")   # the simulator, and the protocol: RLVER's training rollout unless told otherwise
     g = p.add_argument_group("algorithm")
     g.add_argument("--lr", type=float, default=1e-6, help="actor learning rate (AdamW)")
     g.add_argument("--critic-lr", type=float, default=5e-6, help="critic learning rate (PPO)")
@@ -233,9 +234,9 @@ def grpo_advantages(scores, group_ids, norm_by_std=True, eps=1e-6):
 
 def turn_rewards(emotions, start_emotion, violations=(), format_rule=False):
     """Per-turn credit from the simulator's own scores: r_t = (e_t - e_(t-1)) / 100 with e_0 the start
-    emotion and e_t the emotion after the t-th reply, as applied (after the +-max_change clamp and the
-    [0, 100] bounds, so a change lost at a bound is not credited). The sum telescopes:
-        sum_t r_t = (e_T - e_0) / 100 = R - e_0 / 100,   R = max(e_T, 0) / 100 the paper's reward,
+    emotion and e_t the emotion after the t-th reply, as applied (after the protocol's clamp and bounds,
+    so a change lost at a bound is not credited). The sum telescopes:
+        sum_t r_t = (e_T - e_0) / 100 = R - e_0 / 100,   R = e_T / 100 the dialogue's reward,
     and the reward-to-go from turn t, G_t = (e_T - e_(t-1)) / 100, differs from R by e_(t-1)/100, which is
     fixed before turn t's reply is sampled: the same policy gradient in expectation, less variance. With
     the format rule a violating dialogue's R is 0: its first violating turn also gets -e_T / 100, so the sum
@@ -400,7 +401,7 @@ class Dialogue:
     emotions: list = dataclasses.field(default_factory=list)  # the emotion after each scored reply
     violations: list = dataclasses.field(default_factory=list)  # think mode: each reply's format violation
     truncated_turns: int = 0         # turns cut by max_new_tokens
-    end_reason: str | None = None    # success | failure | turn_cap | context_limit | dropped
+    end_reason: str | None = None    # success | failure | goodbye | turn_cap | context_limit | dropped
     error: str | None = None         # why the simulator failed, when dropped
 
 
@@ -481,10 +482,11 @@ def rollout(engine, sim, tokenizer, scenarios, cfg, step):
 
 
 def dialogue_reward(user, cfg):
-    """r = max(e_T, 0) / 100; with the format rule, 0 for a think-mode dialogue with a violation."""
+    """r = e_T / 100: in [0, 1] with a floor at 0 (SAGE, --min-emotion 0), below 0 without one (RLVER's
+    rollout); with the format rule, 0 for a think-mode dialogue with a violation."""
     if cfg.format_rule and cfg.mode == "think" and user.format_violations:
         return 0.0
-    return max(user.emotion, 0) / 100
+    return user.emotion / 100
 
 
 # -----------------------------------------------------------------------------
@@ -772,8 +774,7 @@ def main(argv=None):
         cursor = (sampler.epoch, sampler.position)
         batch = sampler.next(cfg.batch_size)
         mine = {g: scenarios[i] for g, i in enumerate(batch) if g % world == rank}
-        sim = S.Simulator(chat, start_emotion=cfg.start_emotion, max_change=cfg.max_change, max_turns=cfg.max_turns,
-                          difficulty=cfg.difficulty, mode=cfg.mode, concurrency=cfg.sim_concurrency)
+        sim = S.Simulator(chat, mode=cfg.mode, concurrency=cfg.sim_concurrency, **S.simulator_settings(cfg))
         dialogues = rollout(engine, sim, tokenizer, mine, cfg, step)
         sim.close()
         rollout_s = time.perf_counter() - t0
@@ -882,6 +883,7 @@ def resolve_config(argv=None):
         cfg.out = cfg.resume
     if cfg.group_size is None:
         cfg.group_size = 4 if cfg.algo == "grpo" else 1
+    S.resolve_protocol(cfg)   # the preset's values for the protocol settings not given, saved with the run
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if problem := config_problem(cfg):
@@ -893,7 +895,7 @@ def config_problem(cfg):
     """The first flag or path that cannot work, said in words, or None."""
     rules = [  # (flag, allowed?, what it must be)
         *[(f, lambda v: v >= 1, "at least 1") for f in (
-            "steps", "batch_size", "group_size", "max_turns", "max_new_tokens", "save_every", "keep_checkpoints",
+            "steps", "batch_size", "group_size", "max_new_tokens", "save_every", "keep_checkpoints",
             "ppo_epochs", "mini_batches", "micro_batch_tokens", "logprob_chunk", "vllm_cpu_kv_gb")],
         *[(f, lambda v: v >= 0, "0 or more") for f in (
             "warmup_steps", "critic_warmup_steps", "lr", "critic_lr", "weight_decay", "kl_coef", "entropy_coef",
@@ -910,7 +912,6 @@ def config_problem(cfg):
         ("dual_clip", lambda v: v is None or v > 1, "above 1"),
         ("tis_cap", lambda v: v is None or v >= 1, "at least 1"),
         ("max_dropped_share", lambda v: 0 <= v <= 1, "in [0, 1]"),
-        ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
         ("vllm_gpu_memory", lambda v: 0 < v <= 1, "in (0, 1]"),
     ]
     for name, allowed, what in rules:
@@ -1332,14 +1333,15 @@ def write_step(out, metrics_path, row, transcripts):
 
 def step_metrics(dialogues, kept, samples, sim, cfg):
     """What the rollout achieved over all ranks' kept dialogues: reward, final emotion, successes (>= 100)
-    and failures (< 10), turns, per-turn rewards (turn_rewards), format violations, unparsable analyses,
+    and failures (< 10) whatever the protocol, goodbyes, turns, per-turn rewards (turn_rewards), format violations, unparsable analyses,
     truncated turns, tokens per turn, the gap between the sampler's and the trainer's log-probs of the same
     tokens (those trained), and the simulator's calls."""
     users = sim.users
     records = sum(all_gather([{"emotion": users[d.id].emotion, "reward": dialogue_reward(users[d.id], cfg),
                                "turn_rewards": dialogue_turn_rewards(d, cfg),
                                "turns": users[d.id].turns, "format_violations": users[d.id].format_violations,
-                               "parse_failures": users[d.id].parse_failures, "truncated_turns": d.truncated_turns}
+                               "parse_failures": users[d.id].parse_failures, "truncated_turns": d.truncated_turns,
+                               "goodbye": d.end_reason == "goodbye"}
                               for d in kept]), [])
     emotions = np.array([r["emotion"] for r in records], dtype=float)
     turns = max(sum(r["turns"] for r in records), 1)
@@ -1358,6 +1360,7 @@ def step_metrics(dialogues, kept, samples, sim, cfg):
             "emotion_mean": float(emotions.mean()),
             "success_rate": float((emotions >= S.SUCCESS_EMOTION).mean()),
             "failure_rate": float((emotions < S.FAILURE_EMOTION).mean()),
+            "goodbye_rate": float(np.mean([r["goodbye"] for r in records])),   # ended by the user's own goodbye
             "turns_mean": turns / len(records),
             "format_violation_rate": sum(r["format_violations"] for r in records) / turns,
             "parse_failure_rate": sum(r["parse_failures"] for r in records) / turns,

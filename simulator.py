@@ -11,7 +11,7 @@ score the benchmark reports.
 In code:
 
     chat = make_chat("llm", url="https://api.deepseek.com/v1", model="deepseek-chat")  # key: $OPENAI_API_KEY
-    sim = Simulator(chat, start_emotion=30, max_turns=8, mode="think")
+    sim = Simulator(chat, **PROTOCOLS["rlver"], mode="think")   # or start_emotion=40, max_change=10, ...
     user = sim.add("d0", scenario)            # one dialogue, driven from its own thread (the trainer, eval.py)
     first = user.open()
     turn = user.respond(reply)                # Turn(user_message, emotion, change, done, ...)
@@ -19,12 +19,15 @@ In code:
     sim.transcript("d0"), sim.metrics()
 
 Each turn after the opening line is two LLM calls per dialogue: an emotion analysis of the newest
-assistant reply (JSON, ending in one signed integer change, clamped to +-max_change) and, shaped by
-the new emotion level, the persona's next message. The dialogue ends when the emotion reaches 100,
-falls below 10, or after max_turns scored replies; the state decides, never the text (a dialogue whose
-persona message cannot be read at all is cut short, flagged 'unreadable'). An LLM backend is any
-function `messages -> text`: an OpenAI-compatible endpoint (OpenAIChat), the trainer's own frozen model,
-or ScriptedUser, a transparent rule-based stand-in for CPU smoke tests.
+assistant reply, written by a third-person analyst who knows the persona (JSON, ending in one signed
+integer change), and the persona's next message, written from that analysis and the emotion's label
+only. The protocol (PROTOCOLS: 'sage', the benchmark, or 'rlver', the official training rollout) sets
+the start, the clamp of a change, the ends (the emotion reaching a threshold, the persona saying it
+leaves, or the turn cap) and the opening; the state and the simulator's own answer decide, never the
+assistant's text (a dialogue whose persona message cannot be read at all is cut short, flagged
+'unreadable'). An LLM backend is any function `messages -> text`: an OpenAI-compatible endpoint
+(OpenAIChat), the trainer's own frozen model, or ScriptedUser, a transparent rule-based stand-in for CPU
+smoke tests.
 """
 
 import argparse
@@ -33,6 +36,7 @@ import functools
 import html
 import http.client
 import json
+import math
 import os
 import random
 import re
@@ -45,7 +49,7 @@ import unicodedata
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -53,8 +57,25 @@ PROMPTS_DIR = ROOT / "prompts"
 SCENARIOS_PATH = ROOT / "scenarios.json"
 
 # Emotion levels, highest first: a value gets the first label whose threshold it reaches.
-EMOTION_LABELS = (("S", 100), ("A", 70), ("B", 40), ("C", 10), ("F", -1))
-SUCCESS_EMOTION, FAILURE_EMOTION = 100, 10  # end when emotion >= 100 or < 10 (SAGE semantics)
+EMOTION_LABELS = (("S", 100), ("A", 70), ("B", 40), ("C", 10), ("F", -math.inf))   # F: below 10, however low
+SUCCESS_EMOTION, FAILURE_EMOTION = 100, 10  # what counts as success (>= 100) and failure (< 10) in the metrics
+
+# The official protocols. A preset fills only the settings not given on the command line; each setting
+# is a flag of its own (add_args), and None ('none' on the command line) means "no such rule".
+PROTOCOLS = {
+    # SAGE, the benchmark: start at 40; each change clamped to +-10 and the emotion to [0, 100]; the dialogue
+    # ends at >= 100, below 10 or on the user's goodbye; 9 replies scored (eval.py adds a 10th, unscored);
+    # the profile's fixed first message.
+    "sage": dict(start_emotion=40, max_change=10, max_turns=9, success_emotion=100, failure_emotion=10,
+                 min_emotion=0, goodbye_ends=True, opening="fixed"),
+    # RLVER's training rollout: start at 30; no per-turn clamp and no floor, only min(e, 100), so the
+    # emotion and the reward e/100 can go below 0; ends at e <= 0 (below 1) or on the user's goodbye, not
+    # at 100 by itself; 'dialogue_turns > 8' lets 9 replies be scored; the first message generated anew
+    # every episode.
+    "rlver": dict(start_emotion=30, max_change=None, max_turns=9, success_emotion=None, failure_emotion=1,
+                  min_emotion=None, goodbye_ends=True, opening="generated"),
+}
+OPENINGS = ("fixed", "generated")
 
 # The eight hidden needs of the support scenarios, in our words (second person, as the simulator reads them).
 HIDDEN_NEEDS = {
@@ -78,20 +99,66 @@ def emotion_label(emotion):
     return next(label for label, threshold in EMOTION_LABELS if emotion >= threshold)
 
 
-def load_prompt(name):
-    """The text of prompts/NAME.txt."""
-    path = PROMPTS_DIR / f"{name}.txt"
+# The simulator's prompt set, and the placeholders each file must use (no more, no fewer): the contract a
+# user's own set (--prompts DIR, e.g. a translation for Chinese profiles) is checked against.
+SIM_PROMPTS = {
+    "sim_system": {"persona", "scene", "hidden_need", "character_type", "difficulty"},          # role-play, support
+    "sim_system_chitchat": {"persona", "scene", "hidden_need", "character_type", "difficulty"},  # role-play, casual
+    "sim_opening": set(),                                                                     # the first message
+    "sim_analysis": {"name", "persona", "scene", "hidden_need", "character_type", "history",  # third-person scoring
+                     "user_message", "partner_reply", "emotion"},
+    "sim_reply": {"history", "analysis", "label"},                                            # next message, label only
+    "difficulty_easy": set(), "difficulty_normal": set(), "difficulty_hard": set(),
+}
+
+
+def load_prompt(name, folder=None):
+    """The text of NAME.txt in `folder` (default: the project's prompts/)."""
+    path = Path(folder or PROMPTS_DIR) / f"{name}.txt"
     if not path.exists():
         raise FileNotFoundError(f"prompt template {path} is missing")
-    return path.read_text(encoding="utf-8").strip()
+    return path.read_text(encoding="utf-8-sig").strip()
 
 
-def render(name, **fields):
-    """Fill the $placeholders of prompts/NAME.txt. Filled-in text is never re-scanned for placeholders."""
+def render(prompt, folder=None, /, **fields):
+    """Fill the $placeholders of PROMPT.txt. Filled-in text is never re-scanned for placeholders."""
     try:
-        return string.Template(load_prompt(name)).substitute(fields)
+        return string.Template(load_prompt(prompt, folder)).substitute(fields)
     except KeyError as e:
-        raise KeyError(f"prompts/{name}.txt needs placeholder {e}, which was not given") from None
+        raise KeyError(f"{Path(folder or PROMPTS_DIR) / prompt}.txt needs placeholder {e}, which was not given") from None
+
+
+def placeholders(text):
+    """The $names (and ${names}) a template uses; ValueError for a '$' that is neither one nor '$$'."""
+    found = set()
+    for m in string.Template.pattern.finditer(text):
+        if m.group("invalid") is not None:
+            line = text.count("\n", 0, m.start("invalid")) + 1
+            raise ValueError(f"a '$' on line {line} starts no placeholder (write $$ for a dollar sign)")
+        found |= {m.group("named") or m.group("braced")} - {None}
+    return found
+
+
+def prompts_problem(folder):
+    """What keeps `folder` from serving as the simulator's prompt set, in words naming the file, or None:
+    each of SIM_PROMPTS must exist and use exactly its placeholders."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return f"--prompts {folder}: no such folder"
+    for name, needed in SIM_PROMPTS.items():
+        path = folder / f"{name}.txt"
+        if not path.is_file():
+            return f"--prompts {folder}: {path.name} is missing (a prompt set has {', '.join(f'{n}.txt' for n in SIM_PROMPTS)})"
+        try:
+            used = placeholders(path.read_text(encoding="utf-8-sig"))
+        except (UnicodeDecodeError, ValueError) as e:
+            return f"--prompts {folder}: {path.name}: {e}"
+        if missing := needed - used:
+            return f"--prompts {folder}: {path.name} lacks the placeholder(s) {', '.join('$' + p for p in sorted(missing))}"
+        if unknown := used - needed:
+            return (f"--prompts {folder}: {path.name} uses {', '.join('$' + p for p in sorted(unknown))}, which the simulator "
+                    f"does not fill (it fills {', '.join('$' + p for p in sorted(needed)) or 'nothing'}; $$ is a dollar sign)")
+    return None
 
 
 # -----------------------------------------------------------------------------
@@ -180,10 +247,16 @@ def _project_scenario(item, where):
     persona = "\n".join([
         f"Name: {f('persona.name')}", f"Gender: {f('persona.gender')}", f"Age: {f('persona.age', int)}",
         f"Occupation: {f('persona.occupation')}", f"Traits: {', '.join(traits)}",
-        f"Speaking style: {f('persona.speaking_style')}"])
-    scene = "\n".join([
-        f"What happened: {f('scene.events')}", f"When you feel better: {f('scene.high_emotion')}",
-        f"When you feel worse: {f('scene.low_emotion')}", f"What makes it worse: {f('scene.what_hurts')}"])
+        f"Speaking style: {f('persona.speaking_style')}", *_optional(item, where, "persona.background", "Background")])
+    scene = "\n".join([   # the story, then how the persona reacts (the fields after events are optional)
+        f"What happened: {f('scene.events')}", *_optional(item, where, "scene.timeline", "How it unfolded"),
+        *_optional(item, where, "scene.tried", "What you have already tried"),
+        *_optional(item, where, "scene.details", "Things you could bring up later"),
+        f"When you feel better: {f('scene.high_emotion')}",
+        *_optional(item, where, "scene.mid_emotion", "When you are guarded but willing"),
+        f"When you feel worse: {f('scene.low_emotion')}", f"What makes it worse: {f('scene.what_hurts')}",
+        *_optional(item, where, "scene.fits_need", "Replies that meet your need"),
+        *_optional(item, where, "scene.misses_need", "Replies that miss it")])
     general = HIDDEN_NEEDS[need] if need else CHITCHAT_NEED
     first_talk = item.get("first_talk")
     if first_talk is not None:
@@ -193,22 +266,43 @@ def _project_scenario(item, where):
                     topic=f("topic"), first_talk=first_talk)
 
 
-def _official_scenario(item, where):
+def _optional(item, where, dotted, label):
+    """The lines of an optional field: none when absent, 'Label: text', or 'Label:' and '- item' lines for a list."""
+    parent, key = dotted.split(".")
+    if key not in item.get(parent, {}):
+        return []
+    value = _field(item, dotted, (str, list), where)
+    if isinstance(value, str):
+        return [f"{label}: {value}"]
+    if not all(isinstance(v, str) and v.strip() for v in value):
+        raise ScenarioError(f"{where}: field {dotted!r} must be a list of non-empty strings")
+    return [f"{label}:", *(f"- {v}" for v in value)]
+
+
+def _official_scenario(item, where, type_field="main_cha"):
+    """A scenario from an official profile (or, with type_field='character', from a recorded transcript's
+    line, which carries the same persona, scene and hidden need)."""
     if not isinstance(item, dict):
         raise ScenarioError(f"{where}: expected an object, got {type(item).__name__}")
     f = lambda key, kind=str: _field(item, key, kind, where)  # noqa: E731
-    sid, player, scene, task, main_cha = f("id"), f("player"), f("scene"), f("task"), f("main_cha")
-    ctype = next((t for t, word in zip(CHARACTER_TYPES, ("负面", "被动", "回避")) if word in main_cha or t in main_cha), None)
+    sid, player, scene, task, kind = f("id"), f("player"), f("scene"), f("task"), f(type_field)
+    ctype = next((t for t, word in zip(CHARACTER_TYPES, ("负面", "被动", "回避")) if word in kind or t in kind), None)
     if ctype is None:
-        raise ScenarioError(f"{where}: field 'main_cha' must name a negative, passive or avoidant type, got {main_cha!r}")
-    f("cha_group", list)
+        raise ScenarioError(f"{where}: field {type_field!r} must name a negative, passive or avoidant type, got {kind!r}")
+    if type_field == "main_cha":
+        f("cha_group", list)
     name = re.search(r"(?:姓名|Name)\s*[:：]\s*(\S+)", player)
     first_talk = item.get("first_talk")
     if first_talk is not None:
         first_talk = f("first_talk")
-    return Scenario(id=sid, split="test" if first_talk else "train", kind="support",
-                    name=name.group(1) if name else sid, persona=player, scene=scene, hidden_need=task,
+    return Scenario(id=sid, split="test" if first_talk else "train", kind="chitchat" if item.get("target") == "chitchat"
+                    else "support", name=name.group(1) if name else sid, persona=player, scene=scene, hidden_need=task,
                     need=None, character_type=ctype, topic=str(item.get("topic", "")), first_talk=first_talk)
+
+
+def transcript_scenario(line, where):
+    """The scenario a recorded dialogue (one line of the SAGE transcript schema) was played on."""
+    return _official_scenario(line, where, type_field="character")
 
 
 # -----------------------------------------------------------------------------
@@ -250,7 +344,7 @@ def split_think(text):
 # Tags that fence quoted material in the simulator's prompts and answers. Quoted text cannot open or
 # close one of them, so an assistant reply cannot pose as the simulator's own instructions or answer.
 FENCE_TAGS = ("persona", "scene", "hidden_need", "history", "your_message", "partner_reply", "analysis",
-              "plan", "draft", "reply")
+              "plan", "draft", "reply", "leave")
 # A reader may take more than the exact tag for one: a look-alike '<' or '/', and spaces, invisible
 # characters, '_' or '-' anywhere inside (`< /partner reply>`, `〈/partner_reply>`, `</part\u200bner_reply>`).
 # The angle quote '‹' that neutralised tags begin with is deliberately not among the look-alikes.
@@ -451,6 +545,19 @@ def parse_reply(text):
     return reply
 
 
+def says_goodbye(text):
+    """Whether a reply-step answer declares that its message ends the conversation: a <leave>yes</leave>
+    (or true, 是) after its <reply>. Only the simulator's own answer is read, never the message's words: a
+    persona that mentions a goodbye it once said does not leave, and nothing the assistant writes (quoted
+    to the simulator with its tags neutralised) can make it.
+
+        says_goodbye("<reply>Thanks, bye!</reply><leave>yes</leave>")     -> True
+        says_goodbye("<reply>I said goodbye to him.</reply><leave>no</leave>") -> False"""
+    after = re.split(r"<\s*/?\s*reply\s*>", text, flags=re.IGNORECASE)[-1]
+    said = re.findall(r"<\s*leave\s*>(.*?)<\s*/\s*leave\s*>", after, flags=re.IGNORECASE | re.DOTALL)
+    return bool(said) and said[-1].strip().strip(".!\"'*").lower() in ("yes", "true", "是")
+
+
 _REPLY_LINE = re.compile(r"[\s*_#>-]*reply[\s*_]*[:：](.*)", re.IGNORECASE)
 
 
@@ -617,7 +724,8 @@ class ScriptedUser:
       need     +2 for a phrase that fits the persona's hidden need (praise for praise, and so on)
       empty    -10 for a reply with no words at all
     Difficulty: easy adds +1 to a positive change, hard halves it. The persona's next message is the
-    next sentence of its story, prefixed by a stock phrase for its emotion level (goodbye at S and F)."""
+    next sentence of its story, prefixed by a stock phrase for its emotion level (at S and F a goodbye,
+    and it leaves)."""
 
     STOPWORDS = set("""a about after again all also am an and any are as at be because been before being but
         by can could did do does doing don't down for from had has have having he her here hers him his how
@@ -693,14 +801,15 @@ class ScriptedUser:
                            else "unmoved", "change": max(-10, min(10, change))})
 
     def reply(self, system, task):
-        label = re.search(r"which is level (\w)", task).group(1)
-        if label in "SF":
+        label = re.search(r"now at level (\w)", task).group(1)
+        if label in "SF":   # thanks and goodbye, or a curt goodbye: the persona leaves
             text = self.LEVEL_PHRASES[label]
         else:
             story = self.sentences(system)
             said = sum(line.startswith("Me: ") for line in self.block(task, "history").splitlines())
             text = f"{self.LEVEL_PHRASES[label]} {story[said % len(story)]}"
-        return f"<plan>answer at level {label}</plan>\n<draft>{text}</draft>\n<reply>{text}</reply>"
+        leave = "yes" if label in "SF" else "no"
+        return f"<plan>answer at level {label}</plan>\n<draft>{text}</draft>\n<reply>{text}</reply>\n<leave>{leave}</leave>"
 
 
 def make_chat(simulator="scripted", url=None, model=None, api_key_env="OPENAI_API_KEY", temperature=0.5,
@@ -716,8 +825,25 @@ def make_chat(simulator="scripted", url=None, model=None, api_key_env="OPENAI_AP
     raise ValueError(f"unknown simulator {simulator!r}: use 'scripted' or 'llm'")
 
 
-def add_args(parser):
-    """The simulator's command-line flags, shared by rlver.py, eval.py and this file."""
+PROTOCOL_FLAGS = {   # setting -> what its flag says
+    "start_emotion": "the simulated user's starting emotion",
+    "max_change": "clamp of one turn's emotion change ('none': no clamp)",
+    "max_turns": "assistant replies scored per dialogue at most",
+    "success_emotion": "the dialogue ends when the emotion reaches this ('none': never by itself)",
+    "failure_emotion": "the dialogue ends when the emotion falls below this",
+    "min_emotion": "floor of the emotion ('none': it, and the reward, may go below 0)",
+    "goodbye_ends": "the dialogue ends when the simulated user says goodbye (its own <leave>, never the assistant's words)",
+    "opening": "fixed: the scenario's first_talk; generated: a new first message every dialogue",
+}
+
+
+def optional_int(text):
+    """An integer, or 'none' (kept as the word, so that 'not given' and 'none' stay apart until resolved)."""
+    return "none" if text.strip().lower() == "none" else int(text)
+
+
+def add_args(parser, protocol):
+    """The simulator's command-line flags, shared by rlver.py (protocol 'rlver'), eval.py and this file ('sage')."""
     g = parser.add_argument_group("simulated user")
     g.add_argument("--simulator", choices=("scripted", "llm"), default="scripted",
                    help="scripted: offline rule-based smoke-test user; llm: an OpenAI-compatible endpoint")
@@ -731,8 +857,39 @@ def add_args(parser):
     g.add_argument("--sim-max-tokens", type=int, default=1024, help="longest simulator answer, in tokens")
     g.add_argument("--sim-concurrency", type=int, default=64, help="simulator calls in flight at most")
     g.add_argument("--difficulty", choices=DIFFICULTIES, default="normal", help="how hard the personas are to please")
-    g.add_argument("--max-change", type=int, default=10, help="clamp of one turn's emotion change")
+    g.add_argument("--prompts", metavar="DIR",
+                   help="the simulator's prompt set (default: prompts/); the same files and placeholders, e.g. a translation")
+    g = parser.add_argument_group("protocol", "a preset fills every setting below that is not given")
+    g.add_argument("--protocol", choices=tuple(PROTOCOLS), default=protocol,
+                   help=f"the official protocol to follow (default: {protocol}); see the README's table")
+    for name, what in PROTOCOL_FLAGS.items():
+        presets = ", ".join(f"{p} {v if v is not None else 'none'}" for p, v in
+                            ((p, PROTOCOLS[p][name]) for p in PROTOCOLS))
+        kind = dict(action=argparse.BooleanOptionalAction) if name == "goodbye_ends" else \
+            dict(choices=OPENINGS) if name == "opening" else \
+            dict(type=optional_int) if PROTOCOLS["rlver"][name] is None or PROTOCOLS["sage"][name] is None else dict(type=int)
+        g.add_argument(f"--{name.replace('_', '-')}", default=None, help=f"{what} ({presets})", **kind)
     return g
+
+
+def resolve_protocol(args):
+    """Fill each protocol setting not given from the preset (in place; 'none' stays the word)."""
+    for name in PROTOCOL_FLAGS:
+        if getattr(args, name, None) is None:
+            value = PROTOCOLS[args.protocol][name]
+            setattr(args, name, "none" if value is None else value)
+    return args
+
+
+def protocol_settings(args):
+    """The resolved protocol of `args` as SimulatedUser's keywords (the word 'none' as None)."""
+    resolve_protocol(args)
+    return {name: None if getattr(args, name) == "none" else getattr(args, name) for name in PROTOCOL_FLAGS}
+
+
+def simulator_settings(args):
+    """Every SimulatedUser setting the flags give: the protocol, difficulty and prompt set."""
+    return {**protocol_settings(args), "difficulty": args.difficulty, "prompts": args.prompts}
 
 
 def url_problem(flag, url):
@@ -756,10 +913,23 @@ def sim_args_problem(args):
         if problem := url_problem("--sim-url", args.sim_url):
             return problem
     for name, least in (("sim_timeout", 1e-9), ("sim_retries", 0), ("sim_concurrency", 1), ("sim_max_tokens", 1),
-                        ("max_change", 0), ("sim_temperature", 0)):
+                        ("sim_temperature", 0)):
         value = getattr(args, name, least)
         if not least <= value < float("inf"):   # `not` refuses NaN too
             return f"--{name.replace('_', '-')} must be {'above 0' if least == 1e-9 else f'at least {least}'}, got {value}"
+    p = protocol_settings(args)
+    for name, allowed, what in (
+            ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
+            ("max_change", lambda v: v is None or v >= 1, "at least 1, or none"),
+            ("max_turns", lambda v: v >= 1, "at least 1"),
+            ("success_emotion", lambda v: v is None or p["start_emotion"] < v <= 100, "above --start-emotion and at most 100, or none"),
+            ("failure_emotion", lambda v: v <= p["start_emotion"], "at most --start-emotion"),
+            ("min_emotion", lambda v: v is None or v <= p["start_emotion"] and v < p["failure_emotion"],
+             "at most --start-emotion and below --failure-emotion, or none")):
+        if not allowed(p[name]):
+            return f"--{name.replace('_', '-')} must be {what}, got {p[name] if p[name] is not None else 'none'}"
+    if getattr(args, "prompts", None) and (problem := prompts_problem(args.prompts)):
+        return problem
     return None
 
 
@@ -775,28 +945,62 @@ def chat_from_args(args):
 @dataclass
 class Turn:
     """What one assistant reply led to."""
-    user_message: str          # the persona's next message (the goodbye at S or F; '' when unreadable)
-    emotion: int               # emotion after the reply, in [0, 100]
+    user_message: str          # the persona's next message (its goodbye, when it leaves; '' when unreadable)
+    emotion: int               # emotion after the reply (in [0, 100] under SAGE; may go below 0 under RLVER)
     change: int                # applied change, after the clamp
     done: bool
-    end_reason: str | None     # success (>= 100) | failure (< 10) | turn_cap | unreadable | None
+    end_reason: str | None     # success | failure | goodbye | turn_cap | unreadable | None
     format_violation: bool     # think mode: the think block was missing or malformed
     parse_failed: bool         # the analysis stayed unparsable after retries and counted as change 0
     reply_fallback: str | None = None  # message unparsable: taken from its 'draft' or 'reply_line', or 'none'
 
 
+def analysis_prompt(scenario, history, emotion, folder=None):
+    """The analysis step's prompt: a third-person analyst judges the last assistant reply of `history`
+    ([{'role', 'content'}], ending with the user's message and that reply) from the persona's side."""
+    s = scenario
+    return render("sim_analysis", folder, name=s.name, persona=s.persona, scene=s.scene, hidden_need=s.hidden_need,
+                  character_type=s.character_type, history=format_history(history[:-2], user=s.name),
+                  user_message=quote(history[-2]["content"]), partner_reply=quote(history[-1]["content"]),
+                  emotion=emotion)
+
+
+def ask(chat, messages, parse, retries):
+    """Call the backend; on an unparsable answer, say why and ask again, at most `retries` times.
+    Returns (parsed or None, last raw answer, failed)."""
+    asked = list(messages)
+    for _ in range(retries + 1):
+        raw = chat(messages)
+        try:
+            return parse(raw), raw, False
+        except ParseError as e:
+            messages = asked + [{"role": "assistant", "content": raw}, {"role": "user", "content":
+                f"That answer could not be read ({e}). Answer again in exactly the format asked for above."}]
+    return None, raw, True
+
+
 @dataclass
 class SimulatedUser:
-    """One persona in one dialogue; `chat` is its LLM backend (messages -> text)."""
+    """One persona in one dialogue; `chat` is its LLM backend (messages -> text). The protocol's settings
+    (PROTOCOLS): the start emotion, the clamp of one change (None: none), the scored replies at most, the
+    ends (success_emotion: at or above it, None: never; failure_emotion: below it; goodbye_ends: when the
+    persona says it leaves), the floor of the emotion (None: none; the ceiling is always 100) and the
+    opening (fixed: the scenario's first_talk when it has one; generated: a new one every dialogue)."""
     dialogue_id: str
     scenario: Scenario
     chat: object
     start_emotion: int = 30
-    max_change: int = 10
+    max_change: int | None = 10
     max_turns: int = 8
+    success_emotion: int | None = SUCCESS_EMOTION
+    failure_emotion: int = FAILURE_EMOTION
+    min_emotion: int | None = 0
+    goodbye_ends: bool = True
+    opening: str = "fixed"
     difficulty: str = "normal"
     mode: str = "direct"
     parse_retries: int = 2
+    prompts: str | None = None                                # the prompt set's folder (None: prompts/)
     emotion: int = field(init=False)
     history: list = field(init=False, default_factory=list)   # visible messages, both sides
     records: list = field(init=False, default_factory=list)   # SAGE-schema history entries
@@ -810,26 +1014,28 @@ class SimulatedUser:
     call_seconds: float = field(init=False, default=0.0)      # time spent waiting on the backend
 
     def __post_init__(self):
-        if self.mode not in MODES or self.difficulty not in DIFFICULTIES:
-            raise ValueError(f"mode must be in {MODES} and difficulty in {DIFFICULTIES}")
+        if self.mode not in MODES or self.difficulty not in DIFFICULTIES or self.opening not in OPENINGS:
+            raise ValueError(f"mode must be in {MODES}, difficulty in {DIFFICULTIES} and opening in {OPENINGS}")
         if not 0 <= self.start_emotion <= 100:
             raise ValueError("start_emotion must be within [0, 100]")
         self.emotion = self.start_emotion
         s = self.scenario
-        self.system = render("sim_system", persona=s.persona, scene=s.scene, hidden_need=s.hidden_need,
-                             character_type=s.character_type, difficulty=load_prompt(f"difficulty_{self.difficulty}"))
+        self.system = render("sim_system_chitchat" if s.kind == "chitchat" else "sim_system", self.prompts,
+                             persona=s.persona, scene=s.scene, hidden_need=s.hidden_need, character_type=s.character_type,
+                             difficulty=load_prompt(f"difficulty_{self.difficulty}", self.prompts))
 
     @property
     def label(self):
         return emotion_label(self.emotion)
 
     def open(self):
-        """The persona's first message: the scenario's fixed line, else generated. No emotion update."""
+        """The persona's first message: the scenario's fixed line (opening 'fixed'), else generated. No
+        emotion update."""
         if self.history:
             raise RuntimeError(f"dialogue {self.dialogue_id} was already opened")
-        text, extra = self.scenario.first_talk, {}
+        text, extra = self.scenario.first_talk if self.opening == "fixed" else None, {}
         if text is None:
-            text, raw, failed = self._ask(render("sim_opening"), parse_reply)
+            text, raw, failed = self._ask(render("sim_opening", self.prompts), parse_reply)
             if failed:
                 self.reply_failures += 1
                 text, source = salvage_reply(raw)
@@ -837,35 +1043,36 @@ class SimulatedUser:
                     raise SimulatorError(f"dialogue {self.dialogue_id}: the opening message stayed unreadable "
                                          f"after {self.parse_retries} retries")
                 extra = {"reply_parse_failed": True, "reply_fallback": source}
+            extra["generated_opening"] = True
         self._add_user(text, {"emotion-point": self.emotion, **extra})
         return text
 
     def respond(self, assistant_text):
-        """Score the assistant's reply, update the emotion, decide the end, and answer in character.
-        A message that stays unreadable is salvaged from its draft or a `Reply:` line, never sent raw;
-        with neither, the dialogue ends there (end_reason 'unreadable', unless the emotion just ended it)."""
+        """Score the assistant's reply (a third-person analysis), update the emotion, decide the end, and
+        answer in character, from the analysis and the emotion's label only. A message that stays unreadable
+        is salvaged from its draft or a `Reply:` line, never sent raw; with neither, the dialogue ends there
+        (end_reason 'unreadable', unless the emotion just ended it)."""
         if self.done or not self.history or self.history[-1]["role"] != "user":
             raise RuntimeError(f"dialogue {self.dialogue_id} is not waiting for an assistant reply")
-        reply, well_formed = self._add_assistant(assistant_text)
-        prompt = render("sim_analysis", history=format_history(self.history[:-2]),
-                        user_message=quote(self.history[-2]["content"]), partner_reply=quote(reply),
-                        emotion=self.emotion)
+        _, well_formed = self._add_assistant(assistant_text)
         said = [m["content"] for m in self.history if m["role"] == "assistant"]   # JSON in these is only quoted
-        analysis, _, parse_failed = self._ask(prompt, functools.partial(parse_analysis, assistant_texts=said))
+        analysis, _, parse_failed = self._ask(analysis_prompt(self.scenario, self.history, self.emotion, self.prompts),
+                                              functools.partial(parse_analysis, assistant_texts=said), role_play=False)
         if parse_failed:
             self.parse_failures += 1
             analysis = {"intent": "", "need_fit": "", "inner_reaction": "", "feeling": "", "change": 0}
-        change = max(-self.max_change, min(self.max_change, analysis["change"]))
-        self.emotion = max(0, min(100, self.emotion + change))
+        change = self.clamp(analysis["change"])
+        self.emotion = min(100, self.emotion + change)
+        if self.min_emotion is not None:
+            self.emotion = max(self.min_emotion, self.emotion)
         self.turns += 1
-        self.end_reason = ("success" if self.emotion >= SUCCESS_EMOTION else "failure" if self.emotion < FAILURE_EMOTION
+        self.end_reason = ("success" if self.success_emotion is not None and self.emotion >= self.success_emotion
+                           else "failure" if self.emotion < self.failure_emotion
                            else "turn_cap" if self.turns >= self.max_turns else None)
-        self.done = self.end_reason is not None
 
-        shown = "(no analysis)" if parse_failed else "\n".join(   # with the change applied, not the one asked for
-            f"{k}: {hang(quote(str(v)))}" for k, v in {**analysis, "change": change}.items())
-        prompt = render("sim_reply", history=format_history(self.history), analysis=shown,
-                        emotion=self.emotion, label=self.label)
+        shown = "(no analysis)" if parse_failed else "\n".join(   # the analysis in words: no change, no number
+            f"{k}: {hang(quote(str(analysis[k])))}" for k in ("intent", "need_fit", "inner_reaction", "feeling"))
+        prompt = render("sim_reply", self.prompts, history=format_history(self.history), analysis=shown, label=self.label)
         text, raw, reply_failed = self._ask(prompt, parse_reply)
         source = None
         if reply_failed:   # never the raw answer: its plan may spell out the hidden need
@@ -874,10 +1081,15 @@ class SimulatedUser:
             if not text:   # nothing to say that is not planning: the dialogue ends here, flagged
                 source = "none"
                 if self.end_reason not in ("success", "failure"):   # the emotion's own verdict stands
-                    self.done, self.end_reason = True, "unreadable"
+                    self.end_reason = "unreadable"
+        leaves = not reply_failed and says_goodbye(raw)
+        if leaves and self.goodbye_ends and self.end_reason in (None, "turn_cap"):
+            self.end_reason = "goodbye"
+        self.done = self.end_reason is not None
         entry = {"emotion-point": self.emotion, "thinking": raw,
                  "planning": {"content": analysis["intent"], "TargetCompletion": analysis["need_fit"],
                               "activity": analysis["inner_reaction"], "analyse": analysis["feeling"], "change": change},
+                 **({"leave": True} if leaves else {}),
                  **({"parse_failed": True} if parse_failed else {}),
                  **({"reply_parse_failed": True, "reply_fallback": source} if reply_failed else {})}
         if source == "none":   # recorded with its score, but no message joins the conversation
@@ -885,6 +1097,10 @@ class SimulatedUser:
         else:
             self._add_user(text, entry)
         return Turn(text, self.emotion, change, self.done, self.end_reason, not well_formed, parse_failed, source)
+
+    def clamp(self, change):
+        """A change as the protocol applies it: within +-max_change (no clamp when None)."""
+        return change if self.max_change is None else max(-self.max_change, min(self.max_change, change))
 
     def add_final_reply(self, assistant_text):
         """Record one more assistant reply after the end, unscored (SAGE: a 10th reply after 9 scored)."""
@@ -907,23 +1123,24 @@ class SimulatedUser:
         self.history.append({"role": "user", "content": text})
         self.records.append({"role": "user", "content": text, **extra})
 
-    def _ask(self, prompt, parse):
-        """Call the backend; on an unparsable answer, say why and ask again, at most parse_retries
-        times. Returns (parsed or None, last raw answer, failed)."""
-        messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
-        for attempt in range(self.parse_retries + 1):
-            self.retried += attempt > 0
+    def _ask(self, prompt, parse, role_play=True):
+        """One step's answer (ask): the persona's steps under its role-play system prompt, the analysis
+        (role_play=False) as a prompt of its own, since the analyst is not the persona."""
+        calls = 0
+
+        def timed(messages):
+            nonlocal calls
+            calls += 1
             start = time.perf_counter()
             try:
-                raw = self.chat(messages)
+                return self.chat(messages)
             finally:
                 self.call_seconds += time.perf_counter() - start
-            try:
-                return parse(raw), raw, False
-            except ParseError as e:
-                messages = messages[:2] + [{"role": "assistant", "content": raw}, {"role": "user", "content":
-                    f"That answer could not be read ({e}). Answer again in exactly the format asked for above."}]
-        return None, raw, True
+        messages = [{"role": "system", "content": self.system}] * role_play + [{"role": "user", "content": prompt}]
+        try:
+            return ask(timed, messages, parse, self.parse_retries)
+        finally:
+            self.retried += max(calls - 1, 0)
 
     def transcript(self):
         """The dialogue as one line of the SAGE transcript schema (plus our own fields)."""
@@ -945,13 +1162,13 @@ class Simulator:
     its own pace. `start({id: scenario})` and `step({id: reply})` drive many at once from one thread
     (a bounded pool; each dialogue's two calls are sequential, dialogues are not). Any backend's calls
     in flight are bounded by `concurrency`. A backend error (an endpoint down after its retries) is
-    raised as a SimulatorError that names the dialogue."""
+    raised as a SimulatorError that names the dialogue. The other keywords are SimulatedUser's settings."""
 
-    def __init__(self, chat, *, start_emotion=30, max_change=10, max_turns=8, difficulty="normal", mode="direct",
-                 parse_retries=2, concurrency=64):
+    def __init__(self, chat, *, concurrency=64, **settings):
         self.chat = chat
-        self.settings = dict(start_emotion=start_emotion, max_change=max_change, max_turns=max_turns,
-                             difficulty=difficulty, mode=mode, parse_retries=parse_retries)
+        self.settings = settings   # SimulatedUser's: the protocol's (protocol_settings), difficulty, mode, ...
+        if unknown := set(settings) - ({f.name for f in fields(SimulatedUser) if f.init} - {"dialogue_id", "scenario", "chat"}):
+            raise TypeError(f"Simulator got unknown settings {sorted(unknown)}")
         self.users = {}
         self.pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="simulator")
         self.slots = threading.BoundedSemaphore(concurrency)
@@ -1036,6 +1253,17 @@ class Simulator:
 # Command line
 
 
+MIN_SUPPORT_WORDS = 800   # a persona that has to last 9 turns needs a story to draw on
+
+
+def scenario_depth(scenario):
+    """(words, characters) of a scenario's own text: the persona card, the scene and the hidden need, as
+    the simulator reads them. Words count whitespace-separated words plus CJK characters (one each)."""
+    text = "\n".join((scenario.persona, scenario.scene, scenario.hidden_need))
+    cjk = len(re.findall(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]", text))
+    return len(re.sub(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]", " ", text).split()) + cjk, len(text)
+
+
 def check(paths):
     """Print the coverage of scenario files; return a list of problems with the project's targets."""
     problems = []
@@ -1047,6 +1275,14 @@ def check(paths):
             print(f"  {key[0]:5s} {key[1]:8s} {key[2]:16s} {table[key]:4d}")
         types = collections.Counter((s.split, s.kind, s.character_type) for s in scenarios)
         print("  character types: " + ", ".join(f"{'/'.join(k)}={n}" for k, n in sorted(types.items())))
+        for kind in sorted({s.kind for s in scenarios}):
+            depth = sorted(scenario_depth(s) for s in scenarios if s.kind == kind)
+            words, chars = [d[0] for d in depth], [d[1] for d in depth]
+            print(f"  depth of {kind} scenarios (persona, scene and need, as the simulator reads them): mean "
+                  f"{sum(words) / len(words):.0f} words / {sum(chars) / len(chars):.0f} characters, "
+                  f"min {min(words)} words, max {max(words)} words")
+            if Path(path).suffix == ".json" and kind == "support" and sum(words) / len(words) < MIN_SUPPORT_WORDS:
+                problems.append(f"{path}: support scenarios average {sum(words) / len(words):.0f} words (< {MIN_SUPPORT_WORDS})")
         names = collections.defaultdict(set)
         for s in scenarios:
             names[s.name].add(s.split)
@@ -1065,6 +1301,12 @@ def check(paths):
                                  ("first_talk", [s.first_talk for s in scenarios if s.first_talk])):
                 if dupes := [v for v, n in collections.Counter(values).items() if n > 1]:
                     problems.append(f"{path}: {len(dupes)} repeated {what}s, e.g. {dupes[0][:60]!r}")
+            sentences = collections.Counter()   # no sentence of 8 words or more is shared by two scenarios
+            for s in scenarios:
+                sentences.update({" ".join(t.split()) for t in re.split(r"(?<=[.!?])\s+|\n", f"{s.persona}\n{s.scene}")
+                                  if len(t.split()) >= 8})
+            if dupes := [v for v, n in sentences.items() if n > 1]:
+                problems.append(f"{path}: {len(dupes)} sentences appear in more than one scenario, e.g. {dupes[0][:60]!r}")
     return problems
 
 
@@ -1072,8 +1314,7 @@ def interactive_chat(args):
     """You play the assistant; the simulated user answers and shows its emotion."""
     scenarios = {s.id: s for s in load_scenarios(args.scenarios)}
     scenario = scenarios.get(args.scenario) or random.Random(args.seed).choice(list(scenarios.values()))
-    sim = Simulator(chat_from_args(args), start_emotion=args.start_emotion, max_change=args.max_change,
-                    max_turns=args.max_turns, difficulty=args.difficulty, mode="direct")
+    sim = Simulator(chat_from_args(args), mode="direct", **simulator_settings(args))
     print(f"[{scenario.id}] {scenario.name}, {scenario.character_type}; hidden need: {scenario.hidden_need}\n")
     print(f"user ({sim.settings['start_emotion']}): {sim.start({'you': scenario})['you']}")
     while not sim.users["you"].done:
@@ -1091,10 +1332,8 @@ def main(argv=None):
     p = commands.add_parser("chat", help="talk to a simulated user yourself")
     p.add_argument("--scenarios", default=str(SCENARIOS_PATH))
     p.add_argument("--scenario", help="scenario id (default: a random one)")
-    p.add_argument("--start-emotion", type=int, default=40)
-    p.add_argument("--max-turns", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    add_args(p)
+    add_args(p, "sage")
     p = commands.add_parser("serve", help="the scripted user behind an OpenAI-compatible loopback server")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--delay", type=float, default=0.0, help="seconds before each answer")
@@ -1105,6 +1344,8 @@ def main(argv=None):
         print("\n".join(problems) or "coverage targets met")
         sys.exit(1 if problems else 0)
     elif args.command == "chat":
+        if problem := sim_args_problem(args):
+            p.error(problem)
         interactive_chat(args)
     else:
         from loopback import serve

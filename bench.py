@@ -140,8 +140,8 @@ def run_ours(model, steps):
 
     out = tempfile.mkdtemp()
     rlver.main(["--algo", "grpo", "--mode", "direct", "--model", model, "--simulator", "scripted", "--engine", "hf",
-                "--opening", "fixed", "--max-turns", "1", "--batch-size", "8", "--group-size", "4", "--max-new-tokens", "32", "--lr", "1e-6",
-                "--steps", str(steps), "--save-every", "100000", "--out", out, "--device", "cpu"])
+                "--opening", "fixed", "--max-turns", "1", "--batch-size", "8", "--group-size", "4", "--max-new-tokens", "32",
+                "--lr", "1e-6", "--steps", str(steps), "--save-every", "100000", "--out", out, "--device", "cpu"])
     rows = [json.loads(line) for line in open(f"{out}/metrics.jsonl")]
     return [r["rollout_s"] + r["update_s"] for r in rows]
 

@@ -922,7 +922,8 @@ def sim_args_problem(args):
             ("start_emotion", lambda v: 0 <= v <= 100, "in [0, 100]"),
             ("max_change", lambda v: v is None or v >= 1, "at least 1, or none"),
             ("max_turns", lambda v: v >= 1, "at least 1"),
-            ("success_emotion", lambda v: v is None or p["start_emotion"] < v <= 100, "above --start-emotion and at most 100, or none"),
+            ("success_emotion", lambda v: v is None or p["start_emotion"] < v <= 100,
+             "above --start-emotion and at most 100, or none"),
             ("failure_emotion", lambda v: v <= p["start_emotion"], "at most --start-emotion"),
             ("min_emotion", lambda v: v is None or v <= p["start_emotion"] and v < p["failure_emotion"],
              "at most --start-emotion and below --failure-emotion, or none")):

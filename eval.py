@@ -294,7 +294,7 @@ def replay(files, chat, out, args):
     def score(job, f):
         base, lineno, scenario, (turn, history, emotion, recorded) = job
         said = [m["content"] for m in history if m["role"] == "assistant"]
-        prompt = S.analysis_prompt(scenario, history, emotion, args.prompts)
+        prompt = S.analysis_prompt(scenario, history, emotion, args.prompts, args.difficulty)
         analysis, raw, failed = S.ask(chat, [{"role": "user", "content": prompt}],
                                       lambda text: S.parse_analysis(text, said), retries=2)
         ours = None if failed else analysis["change"]

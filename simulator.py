@@ -105,8 +105,8 @@ SIM_PROMPTS = {
     "sim_system": {"persona", "scene", "hidden_need", "character_type", "difficulty"},          # role-play, support
     "sim_system_chitchat": {"persona", "scene", "hidden_need", "character_type", "difficulty"},  # role-play, casual
     "sim_opening": set(),                                                                     # the first message
-    "sim_analysis": {"name", "persona", "scene", "hidden_need", "character_type", "history",  # third-person scoring
-                     "user_message", "partner_reply", "emotion"},
+    "sim_analysis": {"name", "persona", "scene", "hidden_need", "character_type", "difficulty",  # third-person
+                     "history", "user_message", "partner_reply", "emotion"},                             # scoring
     "sim_reply": {"history", "analysis", "label"},                                            # next message, label only
     "difficulty_easy": set(), "difficulty_normal": set(), "difficulty_hard": set(),
 }
@@ -956,12 +956,14 @@ class Turn:
     reply_fallback: str | None = None  # message unparsable: taken from its 'draft' or 'reply_line', or 'none'
 
 
-def analysis_prompt(scenario, history, emotion, folder=None):
+def analysis_prompt(scenario, history, emotion, folder=None, difficulty="normal"):
     """The analysis step's prompt: a third-person analyst judges the last assistant reply of `history`
-    ([{'role', 'content'}], ending with the user's message and that reply) from the persona's side."""
+    ([{'role', 'content'}], ending with the user's message and that reply) from the persona's side, told
+    how hard the persona is to please (`difficulty`)."""
     s = scenario
     return render("sim_analysis", folder, name=s.name, persona=s.persona, scene=s.scene, hidden_need=s.hidden_need,
-                  character_type=s.character_type, history=format_history(history[:-2], user=s.name),
+                  character_type=s.character_type, difficulty=load_prompt(f"difficulty_{difficulty}", folder),
+                  history=format_history(history[:-2], user=s.name),
                   user_message=quote(history[-2]["content"]), partner_reply=quote(history[-1]["content"]),
                   emotion=emotion)
 
@@ -1057,7 +1059,8 @@ class SimulatedUser:
             raise RuntimeError(f"dialogue {self.dialogue_id} is not waiting for an assistant reply")
         _, well_formed = self._add_assistant(assistant_text)
         said = [m["content"] for m in self.history if m["role"] == "assistant"]   # JSON in these is only quoted
-        analysis, _, parse_failed = self._ask(analysis_prompt(self.scenario, self.history, self.emotion, self.prompts),
+        analysis, _, parse_failed = self._ask(analysis_prompt(self.scenario, self.history, self.emotion, self.prompts,
+                                                              self.difficulty),
                                               functools.partial(parse_analysis, assistant_texts=said), role_play=False)
         if parse_failed:
             self.parse_failures += 1

@@ -2943,6 +2943,13 @@ def test_the_reply_step_sees_the_label_only_and_the_analysis_is_third_person():
         assert messages[0]["role"] == "system" and "role-playing a real person" in messages[0]["content"]
 
 
+def test_the_analyst_is_told_how_hard_the_persona_is_to_please():
+    for difficulty in S.DIFFICULTIES:
+        backend = Scripted([1])
+        run_protocol(backend, protocol="sage", max_turns=1, difficulty=difficulty)
+        assert S.load_prompt(f"difficulty_{difficulty}") in backend.prompts("analysis")[0][0]["content"]
+
+
 def test_chitchat_scenarios_get_the_casual_persona_prompt():
     chat = next(s for s in S.load_scenarios(kind="chitchat"))
     backend = Scripted()

@@ -297,9 +297,7 @@ def replay(files, chat, out, args):
         prompt = S.analysis_prompt(scenario, history, emotion, args.prompts, args.difficulty)
         analysis, raw, failed = S.ask(chat, [{"role": "user", "content": prompt}],
                                       lambda text: S.parse_analysis(text, said), retries=2)
-        ours = None if failed else analysis["change"]
-        if ours is not None and settings["max_change"] is not None:
-            ours = max(-settings["max_change"], min(settings["max_change"], ours))
+        ours = None if failed else S.apply_change(emotion, analysis["change"], settings["max_change"])[0]
         record = {"file": base, "line": lineno, "id": str(dialogues[(base, lineno)][0].get("id")), "turn": turn,
                   "emotion_before": emotion, "recorded": recorded, "ours": ours, "parse_failed": failed}
         with lock:
@@ -338,9 +336,8 @@ def replay_figures(records, dialogues, settings):
             if b != base or not turns or any((b, lineno, t[0]) not in by_turn for t in turns):
                 continue   # not fully replayed yet
             emotion = turns[0][2]
-            for turn in turns:
-                emotion = min(100, emotion + (by_turn[(b, lineno, turn[0])]["ours"] or 0))
-                emotion = emotion if settings["min_emotion"] is None else max(settings["min_emotion"], emotion)
+            for turn in turns:   # an unreadable analysis counts 0
+                _, emotion = S.apply_change(emotion, by_turn[(b, lineno, turn[0])]["ours"] or 0, None, settings["min_emotion"])
             per_dialogue.append({"line": lineno, "id": str(transcript.get("id")), "turns": len(turns),
                                  "recorded_final": transcript.get("emo_point"), "replayed_final": emotion})
         finals = [(d["recorded_final"], d["replayed_final"]) for d in per_dialogue if isinstance(d["recorded_final"], (int, float))]

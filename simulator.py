@@ -956,6 +956,17 @@ class Turn:
     reply_fallback: str | None = None  # message unparsable: taken from its 'draft' or 'reply_line', or 'none'
 
 
+def apply_change(emotion, change, max_change=None, min_emotion=None):
+    """The protocol's update of the emotion: the change clamped to +-max_change (None: no clamp), the
+    emotion capped at 100 and floored at min_emotion (None: no floor). -> (change as clamped, new emotion)
+
+        apply_change(95, 30, 10, 0) -> (10, 100);   apply_change(5, -25) -> (-25, -20)"""
+    if max_change is not None:
+        change = max(-max_change, min(max_change, change))
+    emotion = min(100, emotion + change)
+    return change, emotion if min_emotion is None else max(min_emotion, emotion)
+
+
 def analysis_prompt(scenario, history, emotion, folder=None, difficulty="normal"):
     """The analysis step's prompt: a third-person analyst judges the last assistant reply of `history`
     ([{'role', 'content'}], ending with the user's message and that reply) from the persona's side, told
@@ -1065,10 +1076,7 @@ class SimulatedUser:
         if parse_failed:
             self.parse_failures += 1
             analysis = {"intent": "", "need_fit": "", "inner_reaction": "", "feeling": "", "change": 0}
-        change = self.clamp(analysis["change"])
-        self.emotion = min(100, self.emotion + change)
-        if self.min_emotion is not None:
-            self.emotion = max(self.min_emotion, self.emotion)
+        change, self.emotion = apply_change(self.emotion, analysis["change"], self.max_change, self.min_emotion)
         self.turns += 1
         self.end_reason = ("success" if self.success_emotion is not None and self.emotion >= self.success_emotion
                            else "failure" if self.emotion < self.failure_emotion
@@ -1101,10 +1109,6 @@ class SimulatedUser:
         else:
             self._add_user(text, entry)
         return Turn(text, self.emotion, change, self.done, self.end_reason, not well_formed, parse_failed, source)
-
-    def clamp(self, change):
-        """A change as the protocol applies it: within +-max_change (no clamp when None)."""
-        return change if self.max_change is None else max(-self.max_change, min(self.max_change, change))
 
     def add_final_reply(self, assistant_text):
         """Record one more assistant reply after the end, unscored (SAGE: a 10th reply after 9 scored)."""
